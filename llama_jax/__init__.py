@@ -1,0 +1,25 @@
+"""llama-jax: Meta's LLaMA family (Llama 1, 2, 3, 3.1, 3.2) in JAX and Flax NNX.
+
+Read the package top to bottom in this order: config, layers, attention, model, sharding,
+checkpoint, tokenizer, sampling, generate, train, cli.
+"""
+
+from llama_jax.attention import KVCache
+from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
+from llama_jax.errors import LlamaError
+from llama_jax.model import Transformer, abstract_model, build_model, count_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaError",
+    "RopeScaling",
+    "Transformer",
+    "abstract_model",
+    "build_model",
+    "count_params",
+    "get_preset",
+]

@@ -1,0 +1,141 @@
+"""Grouped-query attention with a causal mask and a static key/value cache.
+
+Dimension letters (see model.py): B batch, T query length, S key length (the cache
+length when decoding), D width, N query heads, K key/value heads, G = N / K query heads
+per KV head, H head dim, L layers.
+
+MHA (K = N), GQA (1 < K < N) and MQA (K = 1) are one code path: queries are grouped
+as [B, T, K, G, H] so that each KV head serves its G query heads without copying keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.config import LlamaConfig
+from llama_jax.layers import INIT_STD, apply_rope, dtype_of
+from llama_jax.sharding import constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for a fixed number of slots S.
+
+    Slots are written left to right; `index` is the next free slot, the same for every
+    row. Rows of a batch may hold prompts of different lengths: prompts are left-padded
+    and the padding slots are marked invalid, so they are never attended to.
+
+    Attributes:
+      k, v: [L, B, S, K, H] keys (already rotated) and values.
+      valid: [B, S] bool, True where a slot holds a real token.
+      index: int32 scalar, the number of slots written so far.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        """S, the number of slots."""
+        return self.k.shape[2]
+
+    @classmethod
+    def create(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None):
+        """An empty cache for `batch` rows of up to `max_len` tokens each.
+
+        Memory: 2 * L * B * S * K * H elements, e.g. 128 KiB per token for Llama 3 8B in
+        bfloat16 (GQA's 8 KV heads instead of 32 make it four times smaller).
+        """
+        dt = dtype_of(dtype or cfg.dtype)
+        shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dt),
+            v=jnp.zeros(shape, dt),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of grouped queries over keys, in float32.
+
+    Args:
+      q: [B, T, N, H] queries; k, v: [B, S, K, H]; mask: [B, T, S] bool, True = may attend.
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]; query head n uses KV head n // G
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (H**-0.5)
+    # A large finite negative rather than -inf: a row with nothing to attend to (a
+    # padding query) gets uniform weights instead of NaN, and its output is ignored.
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(B, T, N, H)  # [B, T, N, H]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with rotary positions and grouped KV heads (Meta's wq/wk/wv/wo)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        init = nnx.initializers.normal(INIT_STD)
+        pdt = dtype_of(cfg.param_dtype)
+        self.dtype = dtype_of(cfg.dtype)
+        self.wq = nnx.Param(init(rngs.params(), (D, N, H), pdt))
+        self.wk = nnx.Param(init(rngs.params(), (D, K, H), pdt))
+        self.wv = nnx.Param(init(rngs.params(), (D, K, H), pdt))
+        self.wo = nnx.Param(init(rngs.params(), (N, H, D), pdt))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Attend from x to itself, or to a cache of earlier tokens plus x.
+
+        Args:
+          x: [B, T, D] normalised input.
+          positions: [B, T] rotary positions.
+          inv_freq: [H/2] rotary inverse frequencies.
+          mask: [B, T, S] bool, True where query t may attend to key s.
+          kv: optional (k_cache [L, B, S, K, H], v_cache, layer, index): the whole cache,
+            this layer's number and the first free slot. The new keys and values are
+            written in place at [layer, :, index : index + T].
+        Returns:
+          ([B, T, D] output, the updated (k_cache, v_cache) or None).
+        """
+        dt = self.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
+        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
+        v = constrain(v, ("batch", "length", "act_kv_heads", None))
+
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache, layer, index = kv
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer.astype(jnp.int32), zero, index.astype(jnp.int32), zero, zero)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+            new_kv = (k_cache, v_cache)
+            k, v = k_cache[layer], v_cache[layer]  # [B, S, K, H]
+
+        out = attend(q, k.astype(dt), v.astype(dt), mask)  # [B, T, N, H]
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), new_kv

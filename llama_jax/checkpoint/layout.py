@@ -1,0 +1,259 @@
+"""Tensor names and layouts: Meta's checkpoints, Hugging Face's, and this model's.
+
+Three layouts of the same weights:
+
+* Meta (`consolidated.*.pth`): `layers.{i}.attention.wq.weight` shaped [out, in], rotary
+  embedding on interleaved pairs (x[2j], x[2j+1]).
+* Hugging Face (`model.safetensors`): `model.layers.{i}.self_attn.q_proj.weight`, also
+  [out, in], but rotary embedding on halves (x[j], x[j + H/2]). Their conversion script
+  permuted the rows of wq and wk within every head so the half-split code gives the
+  same result; `hf_to_meta_qk` undoes that and `meta_to_hf_qk` redoes it.
+* This package: Meta's names, input-first einsum shapes (wq [D, N, H]), Meta's rotary
+  convention, and the L layers stacked on a leading axis.
+
+Every function here works on one tensor at a time, so converters can stream.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import LlamaError
+
+# The rotary permutation ------------------------------------------------------------
+#
+# Within one head, Meta's row r = 2j + p (pair j, member p in {0, 1}) is HF's row
+# p * H/2 + j. As array reshapes, for a weight w of n heads shaped [n * H, D_in]:
+#
+#     meta_to_hf:  w.reshape(n, H/2, 2, D_in).swapaxes(1, 2).reshape(n * H, D_in)
+#     hf_to_meta:  w.reshape(n, 2, H/2, D_in).swapaxes(1, 2).reshape(n * H, D_in)
+
+
+def meta_to_hf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Permute wq or wk rows from Meta's interleaved pairs to HF's half-split form."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def hf_to_meta_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `meta_to_hf_qk`: HF's half-split rows back to Meta's interleaved pairs."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+# Names ----------------------------------------------------------------------------
+
+_HF_TO_META_LAYER = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_META_TO_HF_LAYER = {v: k for k, v in _HF_TO_META_LAYER.items()}
+_HF_TO_META_TOP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_META_TO_HF_TOP = {v: k for k, v in _HF_TO_META_TOP.items()}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_META_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+
+
+def hf_to_meta_name(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`."""
+    if name in _HF_TO_META_TOP:
+        return _HF_TO_META_TOP[name]
+    m = _HF_LAYER.fullmatch(name)
+    if m and m.group(2) in _HF_TO_META_LAYER:
+        return f"layers.{m.group(1)}.{_HF_TO_META_LAYER[m.group(2)]}.weight"
+    raise LlamaError(f"Tensor {name!r} is not part of a Hugging Face LlamaForCausalLM.")
+
+
+def meta_to_hf_name(name: str) -> str:
+    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    if name in _META_TO_HF_TOP:
+        return _META_TO_HF_TOP[name]
+    m = _META_LAYER.fullmatch(name)
+    if m and m.group(2) in _META_TO_HF_LAYER:
+        return f"model.layers.{m.group(1)}.{_META_TO_HF_LAYER[m.group(2)]}.weight"
+    raise LlamaError(f"Tensor {name!r} is not part of a Meta LLaMA checkpoint.")
+
+
+def hf_to_meta_tensor(name: str, w: np.ndarray, cfg: LlamaConfig) -> tuple[str, np.ndarray]:
+    """One HF tensor -> (Meta name, Meta-layout tensor); wq and wk are un-permuted."""
+    meta = hf_to_meta_name(name)
+    if meta.endswith("attention.wq.weight"):
+        w = hf_to_meta_qk(w, cfg.n_heads)
+    elif meta.endswith("attention.wk.weight"):
+        w = hf_to_meta_qk(w, cfg.kv_heads)
+    return meta, w
+
+
+def meta_to_hf_tensor(name: str, w: np.ndarray, cfg: LlamaConfig) -> tuple[str, np.ndarray]:
+    """One Meta tensor -> (HF name, HF-layout tensor); wq and wk are permuted."""
+    hf = meta_to_hf_name(name)
+    if name.endswith("attention.wq.weight"):
+        w = meta_to_hf_qk(w, cfg.n_heads)
+    elif name.endswith("attention.wk.weight"):
+        w = meta_to_hf_qk(w, cfg.kv_heads)
+    return hf, w
+
+
+# Meta <-> this package ------------------------------------------------------------
+
+
+def meta_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
+    """The full (unsharded) shape Meta's checkpoint has for tensor `name`."""
+    D, F, V, H = cfg.dim, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.head_dim
+    N, K = cfg.n_heads, cfg.kv_heads
+    if name in ("tok_embeddings.weight", "output.weight"):
+        return (V, D)
+    if name == "norm.weight":
+        return (D,)
+    m = _META_LAYER.fullmatch(name)
+    shapes = {
+        "attention.wq": (N * H, D),
+        "attention.wk": (K * H, D),
+        "attention.wv": (K * H, D),
+        "attention.wo": (D, N * H),
+        "feed_forward.w1": (F, D),
+        "feed_forward.w3": (F, D),
+        "feed_forward.w2": (D, F),
+        "attention_norm": (D,),
+        "ffn_norm": (D,),
+    }
+    if m and m.group(2) in shapes:
+        return shapes[m.group(2)]
+    raise LlamaError(f"Tensor {name!r} is not part of a Meta LLaMA checkpoint.")
+
+
+def meta_to_param(
+    name: str, w: np.ndarray, cfg: LlamaConfig
+) -> tuple[tuple[str, ...], int | None, np.ndarray]:
+    """One Meta tensor -> (parameter path, layer index or None, array in our layout).
+
+    Checks the shape against the config first, naming the tensor when it disagrees.
+    """
+    expected = meta_shape(name, cfg)
+    if tuple(w.shape) != expected:
+        raise LlamaError(
+            f"Tensor {name!r} has shape {tuple(w.shape)} but the config "
+            f"(dim={cfg.dim}, n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}, "
+            f"ffn={cfg.ffn_hidden_dim}, vocab_size={cfg.vocab_size}) needs {expected}. "
+            "Check that params.json / config.json belongs to these weights."
+        )
+    D, H = cfg.dim, cfg.head_dim
+    if name == "tok_embeddings.weight":
+        return ("tok_embeddings",), None, w
+    if name == "output.weight":
+        return ("output",), None, w.T
+    if name == "norm.weight":
+        return ("norm", "weight"), None, w
+    m = _META_LAYER.fullmatch(name)
+    layer, key = int(m.group(1)), m.group(2)
+    group, leaf = key.split(".") if "." in key else (key, "weight")
+    if leaf in ("wq", "wk", "wv"):
+        w = w.reshape(-1, H, D).transpose(2, 0, 1)  # [n*H, D] -> [D, n, H]
+    elif leaf == "wo":
+        w = w.T.reshape(-1, H, D)  # [D, N*H] -> [N, H, D]
+    elif leaf in ("w1", "w3", "w2"):
+        w = w.T  # [out, in] -> [in, out]
+    return ("layers", group, leaf), layer, w
+
+
+def param_to_meta(
+    path: tuple[str, ...], w: np.ndarray, cfg: LlamaConfig, layer: int | None = None
+) -> tuple[str, np.ndarray]:
+    """Inverse of `meta_to_param` for one parameter (one layer's slice of a stack)."""
+    if path == ("tok_embeddings",):
+        return "tok_embeddings.weight", w
+    if path == ("output",):
+        return "output.weight", w.T
+    if path == ("norm", "weight"):
+        return "norm.weight", w
+    _, group, leaf = path
+    if leaf in ("wq", "wk", "wv"):
+        D, n, H = w.shape
+        w = w.transpose(1, 2, 0).reshape(n * H, D)
+    elif leaf == "wo":
+        N, H, D = w.shape
+        w = w.reshape(N * H, D).T
+    elif leaf in ("w1", "w3", "w2"):
+        w = w.T
+    name = (
+        f"layers.{layer}.{group}.weight"
+        if leaf == "weight"
+        else f"layers.{layer}.{group}.{leaf}.weight"
+    )
+    return name, np.ascontiguousarray(w)
+
+
+def meta_names(cfg: LlamaConfig) -> list[str]:
+    """Every tensor name a Meta checkpoint of this config holds, in file order."""
+    names = ["tok_embeddings.weight"]
+    for i in range(cfg.n_layers):
+        names += [
+            f"layers.{i}.attention.wq.weight",
+            f"layers.{i}.attention.wk.weight",
+            f"layers.{i}.attention.wv.weight",
+            f"layers.{i}.attention.wo.weight",
+            f"layers.{i}.feed_forward.w1.weight",
+            f"layers.{i}.feed_forward.w2.weight",
+            f"layers.{i}.feed_forward.w3.weight",
+            f"layers.{i}.attention_norm.weight",
+            f"layers.{i}.ffn_norm.weight",
+        ]
+    names.append("norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("output.weight")
+    return names
+
+
+def params_from_meta(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
+    """A whole Meta state dict (in memory) -> a nested dict of stacked parameters.
+
+    For small models and tests; the streaming converters place tensors one at a time.
+    """
+    stacked: dict[tuple[str, ...], list] = {}
+    out: dict = {}
+    for name in meta_names(cfg):
+        if name not in tensors:
+            raise LlamaError(f"Tensor {name!r} is missing from the checkpoint.")
+        path, layer, w = meta_to_param(name, np.asarray(tensors[name]), cfg)
+        if layer is None:
+            _set(out, path, w)
+        else:
+            stacked.setdefault(path, [None] * cfg.n_layers)[layer] = w
+    for path, ws in stacked.items():
+        _set(out, path, np.stack(ws))
+    return out
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
+    """A whole HF LlamaForCausalLM state dict (in memory) -> nested stacked parameters."""
+    meta = {}
+    for name, w in tensors.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        meta_name, w = hf_to_meta_tensor(name, np.asarray(w), cfg)
+        meta[meta_name] = w
+    return params_from_meta(meta, cfg)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

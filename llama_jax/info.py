@@ -1,0 +1,67 @@
+"""`llama-jax info`: what a preset is made of, without allocating it.
+
+llama-jax info llama3.1-8b          # shapes, parameter counts, memory, KV cache size
+llama-jax info tiny --forward       # also build it with random weights and run it
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from llama_jax.config import get_preset
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", nargs="?", default="tiny", help="preset name (default: tiny)")
+    p.add_argument("--forward", action="store_true", help="run a forward pass on random weights")
+    p.add_argument("--list", action="store_true", help="list every preset and exit")
+
+
+def describe(cfg) -> str:
+    """A few lines on the architecture and where its parameters live."""
+    D, F, V, L = cfg.dim, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.n_layers
+    N, K, H = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    attn = L * (2 * D * N * H + 2 * D * K * H)
+    mlp = L * 3 * D * F
+    emb = V * D * (1 if cfg.tie_word_embeddings else 2)
+    total = cfg.num_params()
+    kv_bytes = 2 * L * K * H * 2  # bf16 keys and values per token
+    scaling = "none" if cfg.rope_scaling is None else f"llama3 x{cfg.rope_scaling.factor:g}"
+    lines = [
+        f"{cfg.name}: {total / 1e9:.3f}B parameters ({total:,})",
+        f"  D={D} L={L} N={N} K={K} (G={N // K}) H={H} F={F} V={V}",
+        f"  rope theta={cfg.rope_theta:g} scaling={scaling}; context {cfg.max_seq_len}; "
+        f"tied embeddings: {cfg.tie_word_embeddings}",
+        f"  attention {attn / total:6.1%}  mlp {mlp / total:6.1%}  embeddings {emb / total:6.1%}",
+        f"  weights: {total * 2 / 2**30:.2f} GiB in bf16, {total * 4 / 2**30:.2f} GiB in f32",
+        f"  KV cache: {kv_bytes / 2**10:.0f} KiB per token in bf16 "
+        f"({kv_bytes * cfg.max_seq_len / 2**30:.2f} GiB for one full context)",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama_jax.config import PRESETS
+
+    if args.list:
+        for name, cfg in PRESETS.items():
+            print(f"{name:16s} {cfg.num_params() / 1e9:9.3f}B")
+        return 0
+    cfg = get_preset(args.preset)
+    print(describe(cfg))
+    if args.forward:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from llama_jax.model import build_model
+
+        model = build_model(cfg)
+        tokens = jnp.arange(16, dtype=jnp.int32)[None] % cfg.vocab_size
+        forward = nnx.jit(lambda m, t: m(t))
+        t0 = time.perf_counter()
+        logits = jax.block_until_ready(forward(model, tokens))
+        print(f"  forward on random weights: logits {logits.shape} {logits.dtype}, "
+              f"compiled and ran in {time.perf_counter() - t0:.2f}s")  # fmt: skip
+    return 0

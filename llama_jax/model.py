@@ -1,0 +1,221 @@
+"""The LLaMA transformer in Flax NNX, written to be read beside Meta's llama/model.py.
+
+Dimension letters, used in every einsum and shape comment of the package:
+
+    B batch          T query length      S key length (cache slots when decoding)
+    D model width    F MLP width         V vocabulary
+    N query heads    K key/value heads   G = N / K query heads per KV head
+    H head dim       L layers
+
+Parameter names are Meta's checkpoint keys (tok_embeddings, layers.attention.wq, ...,
+norm, output). Matrices are stored input-first, shaped for their einsum: wq is [D, N, H]
+where Meta's `wq.weight` is [N * H, D]. The L blocks are stored stacked, every block
+parameter with a leading [L] axis, and run with `jax.lax.scan`, so compile time does not
+grow with depth.
+
+Numerics: parameters are stored in `cfg.param_dtype`, matmuls run in `cfg.dtype`, and
+RMSNorm, rotary embedding, softmax and the logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.attention import Attention, KVCache
+from llama_jax.config import LlamaConfig
+from llama_jax.layers import INIT_STD, FeedForward, RMSNorm, dtype_of, rope_frequencies
+from llama_jax.sharding import constrain
+
+# Rematerialisation policies for the layer scan, by name (training trades compute for
+# activation memory; inference uses "none").
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer block: x + attention(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.attention = Attention(cfg, rngs=rngs)
+        self.feed_forward = FeedForward(cfg, rngs=rngs)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_dtype)
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None):
+        """x: [B, T, D] -> ([B, T, D], updated cache or None); see Attention for the rest."""
+        attn, kv = self.attention(self.attention_norm(x), positions, inv_freq, mask, kv)
+        h = x + attn
+        out = h + self.feed_forward(self.ffn_norm(h))
+        return constrain(out, ("batch", "length", "act_embed")), kv
+
+
+class Transformer(nnx.Module):
+    """A LLaMA model: token embedding, L blocks, a final RMSNorm and the output projection.
+
+    Call it on int32 token ids [B, T] to get float32 logits [B, T, V]:
+
+        model = Transformer(PRESETS["tiny"], rngs=nnx.Rngs(0))
+        logits = model(jnp.array([[1, 2, 3]]))      # [1, 3, 256]
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            from llama_jax.errors import LlamaError
+
+            raise LlamaError(f"remat={remat!r} is not one of {sorted(REMAT_POLICIES)}.")
+        self.cfg = cfg
+        self.remat = remat
+        pdt = dtype_of(cfg.param_dtype)
+        init = nnx.initializers.normal(INIT_STD)
+        self.tok_embeddings = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.dim), pdt))
+
+        # L blocks created at once with a leading [L] axis on every parameter.
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.layers = make_blocks(rngs)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.output = nnx.Param(init(rngs.params(), (cfg.dim, cfg.vocab_size), pdt))
+
+    def output_matrix(self) -> jax.Array:
+        """[D, V]: the output projection, or the token embedding transposed when tied."""
+        if self.cfg.tie_word_embeddings:
+            return self.tok_embeddings[...].T
+        return self.output[...]
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ):
+        """Run the model.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] rotary positions; default 0 .. T-1 (or, with a cache, the
+            slots index .. index + T - 1). Left-padded rows pass their own positions.
+          attention_mask: [B, T] bool, False for padding tokens, which no token attends
+            to. Default: all True.
+          cache: a KVCache to extend by these T tokens (prefill or decode).
+        Returns:
+          logits [B, T, V] float32; with a cache, (logits, updated cache).
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        dt = dtype_of(cfg.dtype)
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), bool)
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        inv_freq = jnp.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+        # Causal mask over key slots: query t sits in slot start + t and sees slots up to
+        # it that hold real tokens. Without a cache the keys are the T tokens themselves.
+        if cache is None:
+            key_valid = attention_mask  # [B, S = T]
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, start))
+        S = key_valid.shape[1]
+        query_slot = start + jnp.arange(T)[:, None]  # [T, 1]
+        causal = jnp.arange(S)[None, :] <= query_slot  # [T, S]
+        mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+
+        h = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dt)  # [B, T, D]
+        h = constrain(h, ("batch", "length", "act_embed"))
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            h, k_cache, v_cache = carry
+            state, layer = xs
+            block = nnx.merge(graphdef, state)
+            kv = None if cache is None else (k_cache, v_cache, layer, start)
+            h, kv = block(h, positions, inv_freq, mask, kv)
+            if kv is not None:
+                k_cache, v_cache = kv
+            return (h, k_cache, v_cache), None
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        caches = (None, None) if cache is None else (cache.k, cache.v)
+        layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        (h, k_cache, v_cache), _ = jax.lax.scan(body, (h, *caches), (layer_state, layer_ids))
+
+        h = self.norm(h)
+        logits = jnp.einsum(
+            "BTD,DV->BTV", h, self.output_matrix().astype(dt), preferred_element_type=jnp.float32
+        )
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        if cache is None:
+            return logits
+        new_cache = KVCache(k=k_cache, v=v_cache, valid=key_valid, index=start + T)
+        return logits, new_cache
+
+
+def build_model(cfg: LlamaConfig, seed: int = 0, *, remat: str = "none") -> Transformer:
+    """A model with random weights (N(0, 0.02) matrices, unit norm gains) on one device."""
+    return Transformer(cfg, rngs=nnx.Rngs(seed), remat=remat)
+
+
+def abstract_model(cfg: LlamaConfig) -> Transformer:
+    """The model's structure with `jax.ShapeDtypeStruct` leaves: no memory allocated.
+
+    Use it to count parameters or plan shardings of models too big for this machine.
+    """
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Total number of parameter elements of a real or abstract model."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def set_params(model: Transformer, params: dict) -> Transformer:
+    """Replace the model's weights with a nested dict of arrays (e.g. from the converters).
+
+    Shapes must match exactly; arrays are cast to the model's `param_dtype`.
+    """
+    from llama_jax.errors import LlamaError
+
+    state = nnx.state(model, nnx.Param)
+    current = nnx.to_pure_dict(state)
+    flat_new = dict(_flatten(params))
+    flat_cur = dict(_flatten(current))
+    if set(flat_new) != set(flat_cur):
+        missing = sorted("/".join(k) for k in set(flat_cur) - set(flat_new))
+        extra = sorted("/".join(k) for k in set(flat_new) - set(flat_cur))
+        raise LlamaError(
+            f"Parameters do not match the model: missing {missing}, unexpected {extra}."
+        )
+    pdt = dtype_of(model.cfg.param_dtype)
+    for key, value in flat_new.items():
+        if tuple(value.shape) != tuple(flat_cur[key].shape):
+            raise LlamaError(
+                f"Parameter {'/'.join(key)} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(flat_cur[key].shape)}."
+            )
+    cast = jax.tree.map(lambda a: jnp.asarray(a, dtype=pdt), params)
+    nnx.replace_by_pure_dict(state, cast)
+    nnx.update(model, state)
+    return model
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key)), value
