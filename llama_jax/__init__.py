@@ -8,6 +8,7 @@ from llama_jax.attention import KVCache
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
 from llama_jax.errors import LlamaError
 from llama_jax.model import Transformer, abstract_model, build_model, count_params
+from llama_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "LlamaConfig",
     "LlamaError",
     "RopeScaling",
+    "Tokenizer",
     "Transformer",
     "abstract_model",
     "build_model",

@@ -1,0 +1,228 @@
+"""Tokenizers against sentencepiece, transformers and tiktoken themselves."""
+
+import random
+
+import pytest
+import sentencepiece as spm
+import tiktoken
+import transformers
+from tiktoken._educational import bpe_train
+
+from llama_jax.errors import LlamaError
+from llama_jax.tokenizer import (
+    LLAMA3_PATTERN,
+    Tokenizer,
+    llama3_special_tokens,
+    train_sentencepiece,
+    write_rank_file,
+)
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while llamas graze near 42 alpacas; "
+    "JAX compiles XLA programs, café naïve Ωmega 北京 東京 emoji 😀 don't we'll it's "
+    "tokens 2024-11-26 v1.2.3 x=y+z\n\ttabs  and   runs"
+).split(" ")
+
+SAMPLES = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "numbers 1234567 and 3.14159, dates 2024-11-26",
+    "unicode: café naïve Ωmega 北京 😀 ünseen çhars ☃",
+    "line one\nline two\n\n\tindented  double  spaces",
+    "<s> and </s> typed by a user are text, as is <|eot_id|>",
+    "trailing space ",
+    "x",
+]
+
+
+def corpus(n_lines=1500, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(n_lines)]
+
+
+@pytest.fixture(scope="module")
+def sp_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    train_sentencepiece(corpus(), path, vocab_size=420)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tt_path(tmp_path_factory):
+    # A small byte-level BPE trained with Llama 3's split pattern: the 256 byte tokens
+    # plus 44 merges, stored in the tiktoken rank-file format of Llama 3's tokenizer.model.
+    ranks = bpe_train("\n".join(corpus(200, seed=1)), 300, LLAMA3_PATTERN, visualise=None)
+    path = tmp_path_factory.mktemp("tt") / "tokenizer.model"
+    write_rank_file(ranks, path)
+    return path, ranks
+
+
+# -- SentencePiece ------------------------------------------------------------------------------
+
+
+def test_trained_model_has_llamas_settings(sp_path):
+    proto = spm.SentencePieceProcessor(model_file=str(sp_path))
+    assert (proto.unk_id(), proto.bos_id(), proto.eos_id(), proto.pad_id()) == (0, 1, 2, -1)
+    assert proto.id_to_piece(3) == "<0x00>" and proto.id_to_piece(258) == "<0xFF>"
+    tok = Tokenizer.load(sp_path)
+    assert tok.kind == "sentencepiece" and tok.vocab_size == 420
+    assert tok.stop_ids == {2} and tok.pad_id == 0
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_sentencepiece_ids_match_sentencepiece(sp_path, text):
+    tok = Tokenizer.load(sp_path)
+    ref = spm.SentencePieceProcessor(model_file=str(sp_path))
+    assert tok.encode(text, bos=False) == ref.encode(text)
+    assert tok.encode(text) == [1, *ref.encode(text)]
+    assert tok.encode(text, bos=True, eos=True) == [1, *ref.encode(text), 2]
+    assert tok.decode(tok.encode(text)) == text
+    # Characters outside the vocabulary fall back to bytes, never to <unk>.
+    assert 0 not in tok.encode(text)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_sentencepiece_ids_match_transformers(sp_path, text):
+    hf = transformers.LlamaTokenizer.from_pretrained(sp_path.parent, add_bos_token=True)
+    tok = Tokenizer.load(sp_path.parent)  # a checkpoint directory works as well
+    # Like Meta's tokenizer, ours reads "<s>" in user text as text; HF must be told to.
+    want = hf(text, split_special_tokens=True)["input_ids"]
+    assert tok.encode(text) == want
+    assert tok.decode(tok.encode(text, bos=False)) == hf.decode(want[1:])
+
+
+def test_bos_exactly_once(sp_path, tt_path):
+    for tok in (Tokenizer.load(sp_path), Tokenizer.load(tt_path[0])):
+        ids = tok.encode("hello", bos=True)
+        assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+        assert tok.bos_id not in tok.encode("hello", bos=False)
+
+
+def test_llama2_chat_format(sp_path):
+    tok = Tokenizer.load(sp_path)
+    dialog = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there "},
+        {"role": "assistant", "content": " Hello!"},
+        {"role": "user", "content": "Name a llama."},
+    ]
+    # Meta's llama/generation.py format, written out.
+    want = (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>"
+        "<s>[INST] Name a llama. [/INST]"
+    )
+    assert tok.format_dialog(dialog) == want
+    ref = spm.SentencePieceProcessor(model_file=str(sp_path))
+    want_ids = (
+        [1, *ref.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! "), 2]
+        + [1, *ref.encode("[INST] Name a llama. [/INST]")]
+    )  # fmt: skip
+    assert tok.encode_dialog(dialog) == want_ids
+    single = [{"role": "user", "content": "Hi"}]
+    assert tok.format_dialog(single) == "<s>[INST] Hi [/INST]"
+    with pytest.raises(LlamaError, match="alternating"):
+        tok.encode_dialog([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(LlamaError, match="last message"):
+        tok.encode_dialog([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
+# -- tiktoken (Llama 3) -------------------------------------------------------------------------
+
+
+def reference_encoding(ranks):
+    specials = {s: len(ranks) + i for i, s in enumerate(llama3_special_tokens())}
+    return tiktoken.Encoding("ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=specials)  # fmt: skip
+
+
+def test_llama3_special_tokens(tt_path):
+    path, ranks = tt_path
+    tok = Tokenizer.load(path)
+    n = len(ranks)
+    assert tok.kind == "tiktoken" and tok.vocab_size == n + 256
+    specials = llama3_special_tokens()
+    assert len(specials) == len(set(specials)) == 256
+    # The ids Llama 3 uses, offset from 128000 to this vocabulary's size.
+    assert (tok.bos_id, tok.eos_id, tok.eot_id) == (n, n + 1, n + 9)
+    assert tok.encode_special("<|start_header_id|>") == n + 6
+    assert tok.stop_ids == {n + 1, n + 8, n + 9}
+    assert specials[8] == "<|eom_id|>" and specials[10] == "<|python_tag|>"
+    assert tok.decode([n + 8]) == "<|eom_id|>"
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_tiktoken_ids_match_tiktoken(tt_path, text):
+    path, ranks = tt_path
+    tok = Tokenizer.load(path)
+    ref = reference_encoding(ranks)
+    want = ref.encode(text, disallowed_special=())
+    assert tok.encode(text, bos=False) == want
+    assert tok.encode(text, eos=True) == [tok.bos_id, *want, tok.eos_id]
+    assert tok.decode(tok.encode(text, bos=False)) == text
+    assert tok.decode([tok.bos_id]) == "<|begin_of_text|>"
+
+
+def test_tiktoken_splits_very_long_runs_like_meta(tt_path):
+    tok = Tokenizer.load(tt_path[0])
+    text = "a" * 30_000 + " b" + " " * 30_000 + "c"
+    assert tok.decode(tok.encode(text, bos=False)) == text
+
+
+def test_llama3_chat_format(tt_path):
+    path, ranks = tt_path
+    tok = Tokenizer.load(path)
+    dialog = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": " Hi! "},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name a llama."},
+    ]
+    # Meta's Llama 3 instruct format (llama3 ChatFormat / the model card), written out.
+    want = (
+        "<|begin_of_text|>"
+        "<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nName a llama.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert tok.format_dialog(dialog) == want
+    assert tok.encode_dialog(dialog) == reference_encoding(ranks).encode(
+        want, allowed_special="all"
+    )
+    assert tok.decode(tok.encode_dialog(dialog)) == want
+    no_prompt = tok.format_dialog(dialog[:2], add_generation_prompt=False)
+    assert no_prompt.endswith("Hi!<|eot_id|>")
+
+
+def test_stream_decoder_reassembles_split_characters(sp_path, tt_path):
+    text = "naïve 🦙 ☃ done"  # the llama and snowman are in neither vocabulary: bytes
+    for tok in (Tokenizer.load(sp_path), Tokenizer.load(tt_path[0])):
+        stream = tok.stream_decoder()
+        pieces = [stream.push(i) for i in tok.encode(text, bos=False)]
+        pieces.append(stream.flush())
+        assert "".join(pieces) == text
+        assert all("\ufffd" not in p for p in pieces)
+        # Multi-byte characters span several ids: some pushes must emit nothing.
+        assert "" in pieces[:-1]
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_file_of_neither_kind(tmp_path):
+    junk = tmp_path / "tokenizer.model"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(LlamaError, match="neither a SentencePiece model"):
+        Tokenizer.load(junk)
+    junk.write_text("just some text\nthat is not a rank file\n")
+    with pytest.raises(LlamaError, match="neither a SentencePiece model"):
+        Tokenizer.load(junk)
+    with pytest.raises(LlamaError, match="does not exist"):
+        Tokenizer.load(tmp_path / "missing.model")
+    with pytest.raises(LlamaError, match="without tokenizer.model"):
+        Tokenizer.load(tmp_path / "..")
+    broken = tmp_path / "ranks.model"
+    broken.write_text("YQ== 0\nYg== 5\n")  # ranks with a gap
+    with pytest.raises(LlamaError, match="does not number"):
+        Tokenizer.load(broken)
