@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama_jax import sharding
 from llama_jax.attention import Attention, KVCache
 from llama_jax.config import LlamaConfig
 from llama_jax.layers import INIT_STD, FeedForward, RMSNorm, dtype_of, rope_frequencies
@@ -99,7 +100,7 @@ class Transformer(nnx.Module):
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
     ):
-        """Run the model.
+        """Run the model (on one device, or sharded over the mesh its parameters live on).
 
         Args:
           tokens: [B, T] int token ids.
@@ -111,6 +112,25 @@ class Transformer(nnx.Module):
         Returns:
           logits [B, T, V] float32; with a cache, (logits, updated cache).
         """
+        mesh = sharding.explicit_mesh((self.tok_embeddings[...], tokens))
+        if mesh is None:
+            return self._forward(tokens, positions, attention_mask, cache)
+        # A mesh with Explicit axes: run the body with the axes Auto (see
+        # sharding.auto_axes_call for why), outputs sharded by their logical axes.
+        graphdef, state = nnx.split(self)
+
+        def body(state, tokens, positions, attention_mask, cache):
+            return nnx.merge(graphdef, state)._forward(tokens, positions, attention_mask, cache)
+
+        logits = sharding.logical_sharding(
+            mesh, ("batch", "length", "act_vocab"), (*tokens.shape, self.cfg.vocab_size)
+        )
+        out = logits if cache is None else (logits, sharding.cache_shardings(cache, mesh))
+        return sharding.auto_axes_call(
+            body, (state, tokens, positions, attention_mask, cache), mesh, out
+        )
+
+    def _forward(self, tokens, positions, attention_mask, cache):
         cfg = self.cfg
         B, T = tokens.shape
         dt = dtype_of(cfg.dtype)
@@ -165,9 +185,28 @@ class Transformer(nnx.Module):
         return logits, new_cache
 
 
-def build_model(cfg: LlamaConfig, seed: int = 0, *, remat: str = "none") -> Transformer:
-    """A model with random weights (N(0, 0.02) matrices, unit norm gains) on one device."""
-    return Transformer(cfg, rngs=nnx.Rngs(seed), remat=remat)
+def build_model(cfg: LlamaConfig, seed: int = 0, *, mesh=None, remat: str = "none") -> Transformer:
+    """A model with random weights (N(0, 0.02) matrices, unit norm gains).
+
+    Args:
+      cfg: the configuration.
+      seed: the random seed; the weights are the same with or without a mesh.
+      mesh: a jax Mesh with axes ("data", "fsdp", "tensor") (Auto or Explicit), a spec
+        for sharding.make_mesh ("fsdp", "data=2,tensor=-1"), or None for one device. With a mesh, every parameter is created directly in its
+        sharded form by a jitted initialiser: no device or host ever holds the whole model.
+      remat: rematerialisation policy of the layer scan (REMAT_POLICIES).
+    Returns:
+      The Transformer.
+    """
+    mesh = sharding.make_mesh(mesh)
+    if mesh is None:
+        return Transformer(cfg, rngs=nnx.Rngs(seed), remat=remat)
+    sharding.validate(cfg, mesh)
+    create = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), remat=remat)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+    shardings = sharding.param_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: LlamaConfig) -> Transformer:

@@ -1,23 +1,40 @@
-"""Sharding as data: logical axis names, one rules table, and meshes.
+"""Sharding as data: logical axis names, one rules table, mesh presets and `make_mesh`.
 
 The model never names a device or a mesh axis. Every parameter and every activation at a
 block boundary carries *logical* axis names (`embed`, `heads`, `mlp`, ...); one table,
 `RULES`, maps those onto the three mesh axes:
 
     data    pure data parallelism: batch split, weights replicated
-    fsdp    batch split *and* weights split along `embed` (ZeRO-3 style), gathered per use
-    tensor  Megatron-style tensor parallelism: heads, MLP width and vocab split
+    fsdp    batch split *and* weights split along `embed` (ZeRO-3), gathered per use
+    tensor  Megatron-style tensor parallelism: heads, MLP width and vocabulary split
 
-`jax.jit` with these `NamedSharding`s is what used to be called `pjit`: XLA's GSPMD
-partitioner inserts the collectives. With no mesh, everything runs on one device.
+In the notation of the scaling book, with X = (data, fsdp) and Y = tensor, an MLP is
+`In[B_X, D] . W1[D_fsdp, F_Y] -> [B_X, F_Y]`, then `[B_X, F_Y] . W2[F_Y, D_fsdp] -> [B_X, D]`
+(a reduce-scatter over Y).
+
+`pjit` is gone: `jax.jit` takes `in_shardings`/`out_shardings` built from `NamedSharding`
+(a `Mesh` plus a `PartitionSpec`), and XLA's partitioner inserts the collectives. With no
+mesh everything runs on one device, unchanged.
+
+Meshes: `make_mesh("data=2,fsdp=-1,tensor=2")` or a preset name (`MESH_PRESETS`). The model
+also runs on a mesh made with plain `jax.make_mesh(shape, ("data", "fsdp", "tensor"))`,
+whose axes are Explicit in current JAX: the forward runs its body with the axes Auto (see
+`auto_axes_call`), so the gathers and einsums never need a hand-written output sharding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.errors import LlamaError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -61,6 +78,194 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("output",): ("embed", "vocab"),
 }
 
+# Logical axes of the KV cache's fields (attention.KVCache) and of a batch of tokens.
+CACHE_AXES: dict[str, tuple[str | None, ...]] = {
+    "k": ("layers", "batch", "length", "act_kv_heads", None),
+    "v": ("layers", "batch", "length", "act_kv_heads", None),
+    "valid": ("batch", "length"),
+    "index": (),
+}
+BATCH_AXES = ("batch", "length")
+
+# Mesh presets: axis sizes, one of them -1 for "all remaining devices".
+MESH_PRESETS: dict[str, dict[str, int]] = {
+    "dp": {"data": -1},  # weights replicated, batch split: the model must fit one device
+    "fsdp": {"fsdp": -1},  # weights and batch split over every device
+    "tp": {"tensor": -1},  # heads/MLP/vocab split; the batch is not
+    "fsdp_tp": {"fsdp": -1, "tensor": 2},  # tensor inside a host (fast links), fsdp across
+}
+MESH_PRESETS["replicated"] = MESH_PRESETS["dp"]
+
+MESH_HELP = (
+    "device mesh: 'data=2,fsdp=-1,tensor=2' (one -1 takes the remaining devices; missing "
+    f"axes are 1) or a preset: {', '.join(MESH_PRESETS)}. Default: one device, no sharding"
+)
+
+
+# --------------------------------------------------------------------------- meshes
+
+
+def parse_mesh_spec(spec: str | dict[str, int]) -> dict[str, int]:
+    """Axis sizes from a mesh spec, before resolving -1.
+
+    Args:
+      spec: a preset name ("dp", "fsdp", "tp", "fsdp_tp", "replicated"), a string
+        "data=2,fsdp=-1,tensor=2", or a dict {axis: size}.
+    Returns:
+      {axis: size} for all three axes in MESH_AXES order; missing axes are 1, at most one
+      size is -1.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in MESH_PRESETS:
+            sizes: dict[str, Any] = dict(MESH_PRESETS[text])
+        else:
+            sizes = {}
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                name, eq, value = part.partition("=")
+                name = name.strip()
+                if not eq:
+                    raise LlamaError(
+                        f"--mesh {spec!r}: {part!r} is not AXIS=SIZE and {text!r} is not a "
+                        f"preset. Write e.g. 'data=2,fsdp=-1,tensor=2' or one of "
+                        f"{sorted(MESH_PRESETS)}."
+                    )
+                if name in sizes:
+                    raise LlamaError(f"--mesh {spec!r}: axis {name!r} is given twice.")
+                try:
+                    sizes[name] = int(value)
+                except ValueError:
+                    raise LlamaError(
+                        f"--mesh {spec!r}: the size of {name!r} must be an integer "
+                        f"(or -1 for the rest), got {value.strip()!r}."
+                    ) from None
+    elif isinstance(spec, dict):
+        sizes = dict(spec)
+    else:
+        raise LlamaError(f"A mesh spec must be a string or a dict, got {type(spec).__name__}.")
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise LlamaError(
+            f"Mesh {spec!r}: unknown axis {', '.join(map(repr, unknown))}; the axes are "
+            f"{', '.join(MESH_AXES)}."
+        )
+    for name, size in sizes.items():
+        if not isinstance(size, int | np.integer) or (size < 1 and size != -1):
+            raise LlamaError(
+                f"Mesh {spec!r}: {name}={size} must be a positive integer or -1 (the rest)."
+            )
+    if sum(1 for s in sizes.values() if s == -1) > 1:
+        raise LlamaError(f"Mesh {spec!r}: at most one axis may be -1, the rest of the devices.")
+    return {name: int(sizes.get(name, 1)) for name in MESH_AXES}
+
+
+def resolve_mesh_shape(spec: str | dict[str, int], n_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 filled in, checked to multiply to `n_devices`.
+
+    Args:
+      spec: as for `parse_mesh_spec`.
+      n_devices: the number of devices the mesh must cover (all of them).
+    Returns:
+      {axis: size} in MESH_AXES order, product == n_devices.
+    """
+    sizes = parse_mesh_spec(spec)
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    shown = ",".join(f"{k}={v}" for k, v in sizes.items())
+    if -1 in sizes.values():
+        if n_devices % fixed:
+            raise LlamaError(
+                f"Mesh {shown}: the fixed axes need a multiple of {fixed} devices, but there "
+                f"are {n_devices}; {n_devices} / {fixed} is not a whole number. Choose sizes "
+                f"that divide {n_devices}."
+            )
+        sizes = {k: (n_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+    elif fixed != n_devices:
+        raise LlamaError(
+            f"Mesh {shown} has {fixed} devices but there are {n_devices} "
+            f"(jax.device_count()). Make the sizes multiply to {n_devices}, or use -1 "
+            "for one axis to take the rest."
+        )
+    return sizes
+
+
+def make_mesh(
+    spec: str | dict[str, int] | Mesh | None,
+    *,
+    devices: Sequence[Any] | None = None,
+    axis_types: str = "auto",
+) -> Mesh | None:
+    """A device mesh with axes ("data", "fsdp", "tensor") over all devices.
+
+    Args:
+      spec: None (no mesh: run on one device), a preset name, "data=2,fsdp=-1,tensor=2",
+        a dict of sizes, or a Mesh (returned after checking its axis names).
+      devices: the devices to use; default all of `jax.devices()` (every host's).
+      axis_types: "auto" (XLA's partitioner propagates shardings between the constraints
+        the model names: the default, since it needs no per-op annotations) or "explicit"
+        (sharding in types, JAX's own default for `jax.make_mesh`). The model runs on both.
+    Returns:
+      A `jax.sharding.Mesh`, or None when spec is None.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, Mesh):
+        check_mesh(spec)
+        return spec
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(spec, len(devices))
+    if axis_types not in ("auto", "explicit"):
+        raise LlamaError(f"axis_types must be 'auto' or 'explicit', got {axis_types!r}.")
+    kind = AxisType.Auto if axis_types == "auto" else AxisType.Explicit
+    return jax.make_mesh(
+        tuple(sizes.values()), MESH_AXES, axis_types=(kind,) * len(MESH_AXES), devices=devices
+    )
+
+
+def check_mesh(mesh: Mesh) -> None:
+    """Raise a LlamaError unless every axis of `mesh` is one of MESH_AXES."""
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise LlamaError(
+            f"The mesh has axes {tuple(mesh.axis_names)}; the rules table only knows "
+            f"{MESH_AXES}. Make it with jax.make_mesh(shape, {MESH_AXES}) or "
+            "llama_jax.sharding.make_mesh."
+        )
+
+
+def describe_mesh(mesh: Mesh | None) -> str:
+    """One line such as 'mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes, Auto)'."""
+    if mesh is None:
+        return f"no mesh: one device ({jax.devices()[0].platform})"
+    sizes = " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+    kinds = sorted({str(t).split(".")[-1] for t in mesh.axis_types})
+    return (
+        f"mesh {sizes} ({mesh.size} devices, {jax.process_count()} process"
+        f"{'es' if jax.process_count() > 1 else ''}, {'/'.join(kinds)} axes)"
+    )
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """Add `--mesh SPEC` to a command; turn it into a Mesh with `make_mesh(args.mesh)`.
+
+    Args:
+      parser: the command's argparse parser.
+      default: the spec used when the flag is absent (None: one device).
+    """
+    parser.add_argument("--mesh", default=default, metavar="SPEC", help=MESH_HELP)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None):
+    """Make `mesh` the context mesh (so `constrain` takes effect); a no-op for None."""
+    if mesh is None:
+        yield None
+        return
+    with jax.set_mesh(mesh):
+        yield mesh
+
+
+# --------------------------------------------------------------------------- rules
+
 
 def logical_to_spec(
     axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None
@@ -70,54 +275,268 @@ def logical_to_spec(
     A mesh axis is used at most once per array, and, when `shape` and `mesh` are given,
     only where it divides the dimension; otherwise that dimension stays replicated (for
     example 2 KV heads on a tensor axis of 4: the KV projections are replicated and
-    every device computes its own copy).
+    every device computes its own copy). Mesh axes of size 1 are left out.
+
+    Args:
+      axes: one logical name (or None) per dimension.
+      shape: the array's shape, to skip mesh axes that do not divide a dimension.
+      mesh: a Mesh or AbstractMesh; axes it lacks are skipped.
+    Returns:
+      The PartitionSpec.
     """
     used: set[str] = set()
     spec = []
     for i, name in enumerate(axes):
         target = RULES.get(name) if name is not None else None
         names = (target,) if isinstance(target, str) else tuple(target or ())
-        kept = []
+        kept: list[str] = []
         for mesh_axis in names:
             if mesh_axis in used:
                 continue
-            size = 1 if mesh is None else mesh.shape.get(mesh_axis, 1)
-            if mesh is not None and mesh_axis not in mesh.shape:
-                continue
-            prev = 1
-            for a in kept:
-                prev *= mesh.shape[a] if mesh is not None else 1
-            if shape is not None and mesh is not None and shape[i] % (prev * size):
-                continue
+            if mesh is not None:
+                if mesh_axis not in mesh.shape or mesh.shape[mesh_axis] == 1:
+                    continue
+                if shape is not None:
+                    split = math.prod(mesh.shape[a] for a in kept) * mesh.shape[mesh_axis]
+                    if shape[i] % split:
+                        continue
             kept.append(mesh_axis)
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*spec)
 
 
-def param_axes(path: Sequence[str]) -> tuple[str, ...]:
+def logical_sharding(
+    mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None
+) -> NamedSharding:
+    """The NamedSharding of an array with these logical axes (and shape) on `mesh`."""
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def param_axes(path: Sequence[Any]) -> tuple[str, ...]:
     """The logical axes of the parameter at `path` (e.g. ('layers', 'attention', 'wq'))."""
     key = tuple(str(p) for p in path)
     try:
         return PARAM_AXES[key]
     except KeyError:
-        raise KeyError(f"No logical axes are known for parameter {'/'.join(key)}.") from None
+        raise LlamaError(
+            f"No logical axes are known for parameter {'/'.join(key)}; add it to "
+            "llama_jax.sharding.PARAM_AXES."
+        ) from None
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _param_path(path) -> tuple[str, ...]:
+    # A leaf's path in an nnx.State ends inside the Variable node (e.g. '.value'); only
+    # the dict keys name the parameter.
+    return tuple(
+        _key_name(p)
+        for p in path
+        if isinstance(p, jax.tree_util.DictKey | jax.tree_util.SequenceKey)
+    )
 
 
 def param_shardings(state, mesh: Mesh):
-    """NamedShardings for a (possibly abstract) nnx.State of the model's parameters."""
-    from flax import nnx
+    """NamedShardings for the model's parameters, in the structure of `state`.
+
+    Args:
+      state: an nnx.State of the model (real or abstract, e.g. `nnx.split(model)[1]` or
+        `nnx.state(abstract_model(cfg))`), or a nested dict of arrays/ShapeDtypeStructs
+        keyed like Meta's checkpoint (`nnx.to_pure_dict(state)`).
+      mesh: the device mesh.
+    Returns:
+      The same tree with a NamedSharding in place of every array: usable as a jit's
+      in/out_shardings for that state, or with jax.device_put.
+    """
 
     def one(path, leaf):
-        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-        names = tuple(getattr(p, "key", p) for p in path)
-        spec = logical_to_spec(param_axes(names), value.shape, mesh)
+        spec = logical_to_spec(param_axes(_param_path(path)), leaf.shape, mesh)
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: one(path, leaf),
-        nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state,
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def cache_shardings(cache, mesh: Mesh):
+    """NamedShardings for a KVCache (real or abstract), in its own structure."""
+    return type(cache)(
+        **{
+            name: logical_sharding(mesh, axes, getattr(cache, name).shape)
+            for name, axes in CACHE_AXES.items()
+        }
     )
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """The sharding of a [B, T] (or [B, ...]) batch: rows split over data and fsdp.
+
+    Raises a LlamaError when B does not divide over data * fsdp (uneven batches would
+    silently fall back to replication, leaving devices idle).
+    """
+    rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    if shape[0] % rows:
+        raise LlamaError(
+            f"Batch size {shape[0]} does not divide over the mesh's data x fsdp = "
+            f"{mesh.shape.get('data', 1)} x {mesh.shape.get('fsdp', 1)} = {rows} devices. "
+            f"Use a batch size that is a multiple of {rows}."
+        )
+    axes = (*BATCH_AXES, *([None] * (len(shape) - 2)))[: len(shape)]
+    return logical_sharding(mesh, axes, shape)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that puts a full copy on every device (scalars, RNG keys, ...)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def validate(cfg, mesh: Mesh | None) -> None:
+    """Refuse, before any compilation, a mesh the model cannot be split over.
+
+    Query heads and the MLP width must divide over `tensor`, and the model width over
+    `fsdp`: otherwise those weights would quietly stay whole on every device. KV heads
+    fewer than the tensor axis are fine (GQA/MQA): the KV projections are replicated
+    and each device keeps the KV heads its query heads use.
+
+    Args:
+      cfg: the LlamaConfig.
+      mesh: the mesh, or None (always valid).
+    Raises:
+      LlamaError naming the config field, the mesh axis and both numbers.
+    """
+    if mesh is None:
+        return
+    check_mesh(mesh)
+    tensor = mesh.shape.get("tensor", 1)
+    fsdp = mesh.shape.get("fsdp", 1)
+    checks = [
+        ("n_heads", cfg.n_heads, "tensor", tensor),
+        ("ffn_hidden_dim (ffn_dim)", cfg.ffn_hidden_dim, "tensor", tensor),
+        ("dim", cfg.dim, "fsdp", fsdp),
+    ]
+    for field, value, axis, size in checks:
+        if size > 1 and value % size:
+            raise LlamaError(
+                f"{cfg.name or 'The model'}: {field}={value} cannot be split over the mesh "
+                f"axis {axis}={size} ({value} % {size} = {value % size}). Choose a {axis} "
+                f"size that divides {value} (e.g. --mesh with {axis}="
+                f"{math.gcd(value, size)} and the rest on data or fsdp)."
+            )
+    K = cfg.kv_heads
+    if tensor > 1 and K % tensor and tensor % K:
+        raise LlamaError(
+            f"{cfg.name or 'The model'}: n_kv_heads={K} and the mesh axis tensor={tensor}: "
+            "neither divides the other, so the query heads of one device would need KV "
+            f"heads held by others. Use a tensor size that divides {K} or a multiple of it."
+        )
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def shard_model(model, mesh: Mesh | None):
+    """Move a model's parameters onto their shardings on `mesh`, in place.
+
+    For a model that already exists on the host or one device; to create or restore a
+    large model directly in its sharded form, use `build_model(cfg, mesh=mesh)` or the
+    checkpoint loader with a mesh.
+
+    Args:
+      model: a Transformer.
+      mesh: the mesh; None leaves the model as it is.
+    Returns:
+      The same model object.
+    """
+    from flax import nnx
+
+    if mesh is None:
+        return model
+    validate(model.cfg, mesh)
+    state = nnx.state(model)
+    placed = jax.device_put(state, param_shardings(state, mesh))
+    nnx.update(model, placed)
+    return model
+
+
+def shard_batch(local: Any, mesh: Mesh | None) -> jax.Array:
+    """A global [B, ...] array from this process's rows of the batch.
+
+    On one process `local` is the whole batch. On several, each process passes only
+    its own rows (B / process_count of them, in process order), and the result is one
+    array spanning every host: the per-host data loading of multi-host training.
+
+    Args:
+      local: this process's rows, a numpy or jax array.
+      mesh: the mesh; None returns `jnp.asarray(local)`.
+    Returns:
+      A jax.Array sharded like `batch_sharding`.
+    """
+    import jax.numpy as jnp
+
+    if mesh is None:
+        return jnp.asarray(local)
+    local = np.asarray(local)
+    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    sharding = batch_sharding(mesh, shape)
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+# --------------------------------------------------------------------------- explicit axes
+
+
+def explicit_mesh(tree) -> Any:
+    """The mesh in use when it has Explicit axes, else None.
+
+    Args:
+      tree: arrays whose types may carry a mesh (consulted when no mesh is in context).
+    Returns:
+      The context mesh, or else the mesh of the first sharded array in `tree`, when it
+      has Explicit axes; otherwise None.
+    """
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty:
+        return ctx if ctx.explicit_axes else None
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty and mesh.explicit_axes:
+            return mesh
+    return None
+
+
+def auto_axes_call(fn: Callable, args: tuple, mesh, out_shardings):
+    """Call `fn(*args)` with every axis of the Explicit-axes `mesh` made Auto.
+
+    Under a mesh with Explicit axes (the default of `jax.make_mesh`), every operation
+    must resolve its output sharding from its inputs' types; a gather from a sharded
+    embedding table, or an einsum contracting a dimension split over fsdp, cannot, and
+    raises a ShardingTypeError. Inside this call the axes are Auto, so XLA's partitioner
+    places the intermediates between the constraints the model names; the outputs come
+    back as Explicit-typed arrays with `out_shardings`.
+
+    Args:
+      fn: the function.
+      args: its positional arguments (pytrees of arrays).
+      mesh: the mesh (from `explicit_mesh`).
+      out_shardings: a pytree, matching fn's output, of NamedShardings on `mesh`.
+    Returns:
+      fn's output.
+    """
+    with contextlib.ExitStack() as stack:
+        if jax.sharding.get_abstract_mesh().empty:
+            stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+        return jax.sharding.auto_axes(fn, out_sharding=out_shardings)(*args)
+
+
+# --------------------------------------------------------------------------- activations
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -126,3 +545,55 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+# --------------------------------------------------------------------------- multi-host
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_count: int | None = None,
+) -> None:
+    """Start JAX's multi-process runtime; every host must call it, before any other JAX use.
+
+    On TPU pods (and SLURM/Open MPI clusters) call it with no arguments: the runtime
+    finds its peers itself. On GPU or CPU hosts pass the coordinator's address (process
+    0's host and a free port), the number of processes and this process's id. CPU
+    processes talk through gloo collectives.
+
+    Args:
+      coordinator: "host:port" of process 0, or None to auto-detect.
+      num_processes: the number of processes, or None to auto-detect.
+      process_id: this process's id in [0, num_processes), or None to auto-detect.
+      local_device_count: on CPU, how many devices this process simulates.
+    """
+    if local_device_count is not None:
+        jax.config.update("jax_num_cpu_devices", local_device_count)
+    # Only the CPU backend reads this; without it CPU processes cannot reach each other.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    except (RuntimeError, ValueError) as e:
+        raise LlamaError(
+            f"jax.distributed.initialize(coordinator={coordinator!r}, num_processes="
+            f"{num_processes}, process_id={process_id}) failed: {e}. Every process must "
+            "run the same command with the same coordinator and process count, each with "
+            "its own process id."
+        ) from e
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that prints, logs and writes single-writer files."""
+    return jax.process_index() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """`print`, on process 0 only (every host runs the same program)."""
+    if is_main_process():
+        print(*args, **kwargs)
