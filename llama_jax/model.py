@@ -192,8 +192,9 @@ def build_model(cfg: LlamaConfig, seed: int = 0, *, mesh=None, remat: str = "non
       cfg: the configuration.
       seed: the random seed; the weights are the same with or without a mesh.
       mesh: a jax Mesh with axes ("data", "fsdp", "tensor") (Auto or Explicit), a spec
-        for sharding.make_mesh ("fsdp", "data=2,tensor=-1"), or None for one device. With a mesh, every parameter is created directly in its
-        sharded form by a jitted initialiser: no device or host ever holds the whole model.
+        for sharding.make_mesh ("fsdp", "data=2,tensor=-1"), or None for one device.
+        With a mesh, every parameter is created directly in its sharded form by a
+        jitted initialiser: no device or host ever holds the whole model.
       remat: rematerialisation policy of the layer scan (REMAT_POLICIES).
     Returns:
       The Transformer.
