@@ -1,0 +1,472 @@
+"""Text generation: a prefill, then a decode loop over a static key/value cache.
+
+Shapes never depend on the number of tokens generated so far, so XLA compiles each
+function once per (batch size, prompt bucket, cache length):
+
+- Prompts are left-padded to a *bucket* length (a power of two, at least 16), so prompts
+  of 17 to 32 tokens all share one compiled prefill. Padding slots are masked out of
+  attention and every row gets its own positions 0, 1, ... from its first real token.
+- The cache has a fixed number of slots S (`cache_len`, by default the next power of two
+  holding the prompt bucket plus the new tokens, at most the model's context). One
+  decode step feeds one token per row and writes one slot.
+- The decode step is a pure function of (parameters, decode state) compiled once and
+  reused for every token; the decode state is donated, so the cache is updated in place.
+  Without streaming the whole loop runs on the device in a `jax.lax.while_loop`.
+
+Rows stop independently (on any of their stop ids); the batch stops when all rows have
+stopped, when `max_new_tokens` are generated, or when the cache is full, and each row
+reports which of these ended it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax.attention import KVCache
+from llama_jax.errors import LlamaError
+from llama_jax.sampling import SamplingParams, sample
+
+MIN_BUCKET = 16
+MIN_CACHE = 256
+STOP_PAD = 8  # stop-id tables are padded to a multiple of this, to share compilations
+
+# Why a row finished.
+STOP = "stop"  # it produced one of its stop ids (not included in the output)
+LENGTH = "length"  # it reached max_new_tokens
+CACHE_FULL = "cache_full"  # the cache (at most the model's context) has no free slot
+
+
+class Generation(list):
+    """The new token ids of each prompt (a list of lists), with `finish_reasons`.
+
+    Attributes:
+      finish_reasons: per row, "stop", "length" or "cache_full".
+    """
+
+    def __init__(self, rows: list[list[int]], finish_reasons: list[str]):
+        super().__init__(rows)
+        self.finish_reasons = finish_reasons
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything the decode loop carries, all static shapes.
+
+    Attributes:
+      cache: the KVCache, [L, B, S, K, H].
+      token: [B] the latest token of each row, fed at the next step.
+      position: [B] its rotary position.
+      done: [B] rows that have stopped (they keep computing, their output is ignored).
+      stopped: [B] rows that stopped on a stop id.
+      out: [B, S] generated tokens, column i holding the i-th new token.
+      step: int32 scalar, the number of tokens generated (columns of `out` written).
+    """
+
+    cache: KVCache
+    token: jax.Array
+    position: jax.Array
+    done: jax.Array
+    stopped: jax.Array
+    out: jax.Array
+    step: jax.Array
+
+
+def bucket_length(n: int, max_len: int, minimum: int = MIN_BUCKET) -> int:
+    """The padded prompt length: the next power of two >= n (at least `minimum`), capped."""
+    return min(max(minimum, 1 << (max(n, 1) - 1).bit_length()), max_len)
+
+
+def default_cache_len(prompt_bucket: int, max_new_tokens: int, max_len: int) -> int:
+    """Slots for the prompt bucket plus the new tokens, rounded up to a power of two."""
+    need = prompt_bucket + max_new_tokens
+    return min(max(MIN_CACHE, 1 << (need - 1).bit_length()), max_len)
+
+
+# -- the compiled pieces -------------------------------------------------------------------------
+
+
+def _finish(ds: DecodeState, new: jax.Array, stop_ids: jax.Array, pad_id: int) -> DecodeState:
+    """Record the tokens `new` [B] as step `ds.step` and update the stop flags."""
+    new = jnp.where(ds.done, pad_id, new)
+    is_stop = jnp.any(new[:, None] == stop_ids, axis=-1) & ~ds.done  # [B]
+    out = jax.lax.dynamic_update_slice(ds.out, new[:, None], (0, ds.step))
+    return dataclasses.replace(
+        ds,
+        token=new,
+        done=ds.done | is_stop,
+        stopped=ds.stopped | is_stop,
+        out=out,
+        step=ds.step + 1,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "pad_id"))
+def _prefill(graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_len, pad_id):
+    """Run the prompts [B, P] through the model into a new cache; sample the first token."""
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+    # Left padding: each row's positions count its real tokens only.
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
+    cache = KVCache.create(model.cfg, B, cache_len)
+    if P > 1:
+        # All but the last token: only the cache is kept, so XLA drops the [B, P, V]
+        # logits and the output projection with them.
+        _, cache = model(tokens[:, :-1], positions[:, :-1], mask[:, :-1], cache)
+    logits, cache = model(tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
+    first = sample(logits[:, 0], jax.random.fold_in(key, 0), **sampling)
+    ds = DecodeState(
+        cache=cache,
+        token=first,
+        position=positions[:, -1] + 1,
+        done=jnp.zeros((B,), bool),
+        stopped=jnp.zeros((B,), bool),
+        out=jnp.full((B, cache_len), pad_id, jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+    )
+    return _finish(ds, first, stop_ids, pad_id)
+
+
+def _step(model, ds: DecodeState, stop_ids, sampling, key, pad_id) -> DecodeState:
+    """One decode step: feed each row's latest token, sample the next."""
+    logits, cache = model(ds.token[:, None], ds.position[:, None], None, ds.cache)
+    new = sample(logits[:, 0], jax.random.fold_in(key, ds.step), **sampling)
+    ds = dataclasses.replace(ds, cache=cache, position=ds.position + 1)
+    return _finish(ds, new, stop_ids, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pad_id"), donate_argnames=("ds",))
+def _decode_step(graphdef, state, ds, stop_ids, sampling, key, *, pad_id):
+    """One compiled decode step (the streaming path)."""
+    return _step(nnx.merge(graphdef, state), ds, stop_ids, sampling, key, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pad_id"), donate_argnames=("ds",))
+def _decode_loop(graphdef, state, ds, stop_ids, sampling, key, n_tokens, *, pad_id):
+    """Decode on the device until `n_tokens` (traced) exist or every row has stopped."""
+    model = nnx.merge(graphdef, state)
+    return jax.lax.while_loop(
+        lambda ds: (ds.step < n_tokens) & ~jnp.all(ds.done),
+        lambda ds: _step(model, ds, stop_ids, sampling, key, pad_id),
+        ds,
+    )
+
+
+# -- input checks and batching -----------------------------------------------------------------
+
+
+def _check_prompts(prompt_ids, vocab_size: int, max_len: int) -> list[list[int]]:
+    if isinstance(prompt_ids, np.ndarray | jax.Array):
+        prompt_ids = np.asarray(prompt_ids).tolist()
+    if not isinstance(prompt_ids, Sequence) or not prompt_ids:
+        raise LlamaError("prompt_ids must be a non-empty list of lists of token ids.")
+    if all(isinstance(t, int | np.integer) for t in prompt_ids):
+        raise LlamaError("prompt_ids must be a list of lists of ints (one list per prompt).")
+    rows = []
+    for i, row in enumerate(prompt_ids):
+        row = [int(t) for t in row]
+        if not row:
+            raise LlamaError(f"Prompt {i} is empty: give at least one token (e.g. BOS).")
+        if len(row) > max_len:
+            raise LlamaError(
+                f"Prompt {i} has {len(row)} tokens, more than the model's context of "
+                f"{max_len} (max_seq_len); shorten it."
+            )
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise LlamaError(
+                f"Prompt {i} holds token ids {bad[:5]} outside the vocabulary [0, {vocab_size})."
+            )
+        rows.append(row)
+    return rows
+
+
+def _stop_table(stop_ids, batch: int) -> np.ndarray:
+    """[B, Q] stop ids, -1 padded; `stop_ids` is None, one set for all rows or one per row."""
+    if stop_ids is None:
+        per_row = [[] for _ in range(batch)]
+    elif all(isinstance(s, int | np.integer) for s in stop_ids):
+        per_row = [list(stop_ids)] * batch
+    else:
+        per_row = [list(s or ()) for s in stop_ids]
+        if len(per_row) != batch:
+            raise LlamaError(
+                f"stop_ids has {len(per_row)} per-row sets for {batch} prompts; give one "
+                "set for all rows or one per row."
+            )
+    q = max(STOP_PAD, -(-max(len(r) for r in per_row) // STOP_PAD) * STOP_PAD)
+    table = np.full((batch, q), -1, np.int32)
+    for i, r in enumerate(per_row):
+        table[i, : len(r)] = r
+    return table
+
+
+@dataclasses.dataclass
+class GenerationStream:
+    """Tokens as they are generated; iterate to get one list per step.
+
+    Each item holds, per row, the new token id, or None for rows that have already
+    finished (a stop id is reported as None: it is not part of the output). After the
+    iteration, `tokens` holds the new ids per row and `finish_reasons` why each ended.
+    Call `stop_rows(rows)` between steps to end rows early (e.g. on a stop string).
+    """
+
+    _iter: Iterator[list[int | None]]
+    tokens: list[list[int]]
+    finish_reasons: list[str | None]
+    _host_stop: np.ndarray
+
+    def __iter__(self):
+        return self._iter
+
+    def stop_rows(self, rows: Sequence[int]) -> None:
+        """Finish these rows now (reason "stop"); they generate nothing more."""
+        self._host_stop[list(rows)] = True
+
+
+def generate_stream(
+    model,
+    prompt_ids,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_ids=None,
+    *,
+    cache_len: int | None = None,
+    pad_id: int = 0,
+) -> GenerationStream:
+    """Like `generate`, but yields the tokens step by step (see `GenerationStream`)."""
+    return _start(model, prompt_ids, max_new_tokens, SamplingParams(temperature, top_k, top_p,
+                  seed), stop_ids, cache_len, pad_id, stream=True)  # fmt: skip
+
+
+def generate(
+    model,
+    prompt_ids,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_ids=None,
+    *,
+    cache_len: int | None = None,
+    pad_id: int = 0,
+    on_token: Callable[[int, int], None] | None = None,
+) -> Generation:
+    """Generate new tokens for a batch of prompts of any lengths.
+
+    Args:
+      model: a `Transformer` (on one device or sharded over a mesh).
+      prompt_ids: a list of prompts, each a non-empty list of token ids (with BOS if the
+        model wants one; nothing is added).
+      max_new_tokens: the most new tokens per prompt.
+      temperature: 0 for greedy decoding, else the softmax temperature.
+      top_k: sample only among the k most likely tokens (None: no limit).
+      top_p: sample only among the most likely tokens holding this much probability,
+        in (0, 1] (None: no limit).
+      seed: the random seed; the same seed gives the same tokens.
+      stop_ids: token ids that end a row (not included in its output): None, one
+        collection for all rows, or one collection per row (e.g. `tokenizer.stop_ids`).
+      cache_len: slots of the KV cache (default: see `default_cache_len`); prompt bucket
+        plus new tokens beyond it end generation with reason "cache_full".
+      pad_id: the id used to pad prompts (masked out; any valid id works).
+      on_token: called as on_token(row, token_id) for every new token as it is
+        generated; decoding then returns to Python after every step.
+    Returns:
+      a `Generation`: a list with the new ids of each prompt, and `finish_reasons`.
+    """
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    stream = _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id,
+                    stream=on_token is not None)  # fmt: skip
+    for step in stream:
+        for row, tok in enumerate(step):
+            if tok is not None:
+                on_token(row, tok)
+    return Generation(stream.tokens, stream.finish_reasons)
+
+
+def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, stream):
+    cfg = model.cfg
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise LlamaError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+    rows = _check_prompts(prompt_ids, cfg.vocab_size, cfg.max_seq_len)
+    B = len(rows)
+    longest = max(len(r) for r in rows)
+    P = bucket_length(longest, cfg.max_seq_len)
+    if cache_len is None:
+        cache_len = default_cache_len(P, max_new_tokens, cfg.max_seq_len)
+    elif not longest <= cache_len <= cfg.max_seq_len:
+        raise LlamaError(
+            f"cache_len={cache_len} must hold the longest prompt ({longest} tokens) and be at "
+            f"most the model's context ({cfg.max_seq_len})."
+        )
+    P = min(P, cache_len)
+    if not 0 <= pad_id < cfg.vocab_size:
+        raise LlamaError(f"pad_id={pad_id} is outside the vocabulary [0, {cfg.vocab_size}).")
+    tokens = np.full((B, P), pad_id, np.int32)
+    mask = np.zeros((B, P), bool)
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r) :] = r
+        mask[i, P - len(r) :] = True
+    stop_table = _stop_table(stop_ids, B)
+    stops = jnp.asarray(stop_table)
+    # After the prefill the cache holds P slots; each further token needs one more slot,
+    # except the last one sampled, which is never fed back.
+    n_tokens = min(max_new_tokens, cache_len - P + 1)
+    cache_bound = max_new_tokens > n_tokens
+
+    graphdef, state = nnx.split(model)
+    arrays = sampling.arrays()
+    key = jax.random.key(sampling.seed)
+    ds = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), stops, arrays, key,
+                  cache_len=cache_len, pad_id=pad_id)  # fmt: skip
+
+    result = GenerationStream(iter(()), [[] for _ in range(B)], [None] * B, np.zeros(B, bool))
+
+    def finish(out, stopped, count):
+        for i in range(B):
+            row = out[i, :count].tolist()
+            reason = CACHE_FULL if cache_bound and len(row) == n_tokens else LENGTH
+            if stopped[i]:
+                # The first stop id ends the row; everything after it is padding.
+                row_stops = set(stop_table[i].tolist())
+                row, reason = row[: next(j for j, t in enumerate(row) if t in row_stops)], STOP
+            result.tokens[i] = row
+            result.finish_reasons[i] = reason
+
+    def run_loop():
+        nonlocal ds
+        ds = _decode_loop(graphdef, state, ds, stops, arrays, key, jnp.int32(n_tokens),
+                          pad_id=pad_id)  # fmt: skip
+        out, stopped, step = jax.device_get((ds.out, ds.stopped, ds.step))
+        finish(out, stopped, int(step))
+        yield from ()
+
+    def run_stream():
+        nonlocal ds
+        emitted = np.zeros(B, bool)
+        while True:
+            tok, done, stopped, step = jax.device_get((ds.token, ds.done, ds.stopped, ds.step))
+            active = ~emitted & ~result._host_stop
+            item = [int(tok[i]) if active[i] and not stopped[i] else None for i in range(B)]
+            for i, t in enumerate(item):
+                if t is not None:
+                    result.tokens[i].append(t)
+            emitted |= done
+            yield item
+            halted = done | result._host_stop
+            if int(step) >= n_tokens or halted.all():
+                break
+            if result._host_stop.any():
+                ds = dataclasses.replace(ds, done=ds.done | jnp.asarray(result._host_stop))
+            ds = _decode_step(graphdef, state, ds, stops, arrays, key, pad_id=pad_id)
+        for i in range(B):
+            if stopped[i] or result._host_stop[i]:
+                result.finish_reasons[i] = STOP
+            elif cache_bound and len(result.tokens[i]) == n_tokens:
+                result.finish_reasons[i] = CACHE_FULL
+            else:
+                result.finish_reasons[i] = LENGTH
+
+    result._iter = run_stream() if stream else run_loop()
+    return result
+
+
+# -- text level ----------------------------------------------------------------------------------
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str] | Sequence[Sequence[dict]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    *,
+    chat: bool = False,
+    stop: Sequence[str] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    cache_len: int | None = None,
+) -> str | list[str]:
+    """Generate text for one prompt or a batch.
+
+    Args:
+      model: a `Transformer`.
+      tokenizer: the model's `Tokenizer`.
+      prompts: a string, a list of strings, or (with chat=True) a list of dialogs, each
+        a list of {"role", "content"} messages (one dialog alone also works).
+      max_new_tokens, temperature, top_k, top_p, seed, cache_len: as for `generate`.
+      chat: format prompts with the model family's chat template.
+      stop: strings that end a row's text (the text is cut before them); the tokenizer's
+        stop ids (e.g. `<|eot_id|>`) always end a row.
+      on_text: called as on_text(row, text_piece) while generating (streaming).
+    Returns:
+      the generated text (a string for a single prompt, else a list).
+    """
+    single = isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict))
+    items = [prompts] if single else list(prompts)
+    if chat:
+        ids = [tokenizer.encode_dialog(d) for d in items]
+    else:
+        if not all(isinstance(p, str) for p in items):
+            raise LlamaError("prompts must be strings (or dialogs with chat=True).")
+        ids = [tokenizer.encode(p, bos=True) for p in items]
+    stop = [s for s in (stop or ()) if s]
+    stream = _start(model, ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed),
+                    sorted(tokenizer.stop_ids), cache_len, tokenizer.pad_id,
+                    stream=bool(stop) or on_text is not None)  # fmt: skip
+    decoders = [tokenizer.stream_decoder() for _ in items]
+    texts = [""] * len(items)
+    sent = [0] * len(items)  # characters already passed to on_text
+    hold = max((len(s) for s in stop), default=1) - 1  # text that may begin a stop string
+
+    def emit(i, final=False):
+        text = texts[i]
+        end = len(text) if final else max(sent[i], len(text) - hold)
+        if on_text is not None and end > sent[i]:
+            on_text(i, text[sent[i] : end])
+        sent[i] = end
+
+    if not stop and on_text is None:
+        for _ in stream:
+            pass
+        texts = [tokenizer.decode(t) for t in stream.tokens]
+        return texts[0] if single else texts
+    cut_rows: set[int] = set()
+
+    def check_stop(i):
+        cut = min((texts[i].find(s) for s in stop if s in texts[i]), default=-1)
+        if cut >= 0:
+            texts[i] = texts[i][:cut]
+            cut_rows.add(i)
+        return cut >= 0
+
+    for step in stream:
+        ended = []
+        for i, tok in enumerate(step):
+            if tok is None or i in cut_rows:
+                continue
+            texts[i] += decoders[i].push(tok)
+            if check_stop(i):
+                ended.append(i)
+            emit(i, final=i in cut_rows)
+        if ended:
+            stream.stop_rows(ended)
+    for i in range(len(items)):
+        if i not in cut_rows:
+            texts[i] += decoders[i].flush()
+            check_stop(i)
+        emit(i, final=True)
+    return texts[0] if single else texts
