@@ -5,6 +5,7 @@ checkpoint, tokenizer, sampling, generate, train, cli.
 """
 
 from llama_jax.attention import KVCache
+from llama_jax.checkpoint import load
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
 from llama_jax.errors import LlamaError
 from llama_jax.model import Transformer, abstract_model, build_model, count_params
@@ -24,4 +25,5 @@ __all__ = [
     "build_model",
     "count_params",
     "get_preset",
+    "load",
 ]

@@ -16,6 +16,8 @@ from llama_jax.errors import LlamaError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llama_jax.info", "describe a preset: shapes, parameters, memory; run a forward"),
+    "convert": ("llama_jax.checkpoint.convert", "Meta or Hugging Face weights -> a checkpoint"),
+    "export": ("llama_jax.checkpoint.export", "a checkpoint -> Hugging Face or Meta weights"),
 }
 
 

@@ -257,3 +257,21 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def meta_params(cfg: LlamaConfig) -> dict:
+    """Meta's `params.json` for `cfg`, such that Meta's FFN-width rule gives cfg's F.
+
+    Meta's file has no field for the FFN width; its code derives it from `multiple_of`
+    and `ffn_dim_multiplier`. A config with an explicit width (from HF's
+    `intermediate_size`) that the rule does not reproduce gets `multiple_of = F` and a
+    multiplier of (F + 0.5) / int(8 D / 3), which the rule turns back into exactly F.
+    """
+    params = cfg.to_meta_params()
+    F = cfg.ffn_hidden_dim
+    if LlamaConfig.from_meta_params(params).ffn_hidden_dim != F:
+        params["multiple_of"] = F
+        params["ffn_dim_multiplier"] = (F + 0.5) / int(2 * (4 * cfg.dim) / 3)
+        if LlamaConfig.from_meta_params(params).ffn_hidden_dim != F:
+            raise LlamaError(f"FFN width {F} cannot be expressed in Meta's params.json.")
+    return params

@@ -1,0 +1,125 @@
+"""`llama-jax convert SRC DST`: Meta or Hugging Face weights -> a llama-jax checkpoint.
+
+    llama-jax convert ~/llama-3.1-8b ~/ckpt/llama3.1-8b             # layout detected
+    llama-jax convert ~/hf/Llama-2-7b-hf ~/ckpt/l2-7b --dtype bfloat16 --from hf
+
+Tensors are read, converted and written one block at a time, so host memory stays near
+the size of one block (a few times the largest tensor) whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from llama_jax.checkpoint import layout, store
+from llama_jax.checkpoint.sources import MetaSource, detect
+from llama_jax.errors import LlamaError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _np_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    source: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert a Meta or Hugging Face checkpoint directory into a llama-jax checkpoint.
+
+    Args:
+      src: the source directory.
+      dst: the checkpoint directory to create; it appears only once complete.
+      source: "meta" or "hf" to force the layout; None detects it.
+      dtype: "float32", "bfloat16" or "float16" to cast to; None keeps the source dtype
+        (bf16 stays bf16, bit for bit).
+      force: replace an existing `dst`.
+      progress: show a progress bar per tensor and print a closing summary.
+    Returns:
+      A summary dict: parameters, dtype, bytes, seconds, dst.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    if dtype is not None and dtype not in _DTYPES:
+        raise LlamaError(f"--dtype {dtype!r}: expected one of {_DTYPES}.")
+    if os.path.exists(dst) and not force:
+        raise LlamaError(f"{dst} already exists; choose another destination or pass --force.")
+    reader = detect(src, source)
+    cfg = reader.cfg
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    target = _np_dtype(cfg.param_dtype)
+    names = layout.meta_names(cfg)
+    totals = {"parameters": 0, "bytes": 0}
+
+    def get(name: str):
+        """(parameter path, layer, array in our layout and the target dtype)."""
+        path, layer, w = layout.meta_to_param(name, reader.tensor(name), cfg)
+        w = np.ascontiguousarray(w.astype(target, copy=False))
+        totals["parameters"] += w.size
+        totals["bytes"] += w.nbytes
+        bar.update(1)
+        bar.set_postfix_str(name, refresh=False)
+        return path, layer, w
+
+    with (
+        store.atomic_directory(dst, force) as tmp,
+        tqdm(total=len(names), unit="tensor", desc="convert", disable=not progress) as bar,
+    ):
+        _, _, emb = get("tok_embeddings.weight")
+        if isinstance(reader, MetaSource):
+            reader.check_tied_output(emb)
+        store.write_group(tmp, store.top_dir(("tok_embeddings",)), {"tok_embeddings": emb})
+        del emb
+        for i in range(cfg.n_layers):
+            block = {}
+            for name in names:
+                if name.startswith(f"layers.{i}."):
+                    path, _, w = get(name)
+                    block[path[1:]] = w
+            store.write_group(tmp, store.layer_dir(i), store.layer_tree(block))
+            del block
+        _, _, norm = get("norm.weight")
+        store.write_group(tmp, store.top_dir(("norm",)), {"norm": {"weight": norm}})
+        if not cfg.tie_word_embeddings:
+            _, _, out = get("output.weight")
+            store.write_group(tmp, store.top_dir(("output",)), {"output": out})
+            del out
+        store.write_config(tmp, cfg, reader.tokenizer, source={"kind": reader.kind, "path": src})
+    seconds = time.perf_counter() - t0
+    summary = {"parameters": totals["parameters"], "dtype": cfg.param_dtype,
+               "bytes": totals["bytes"], "seconds": seconds, "dst": dst}  # fmt: skip
+    if progress:
+        print(
+            f"converted {reader.kind} -> {dst}: {summary['parameters']:,} parameters, "
+            f"{cfg.param_dtype}, {summary['bytes'] / 2**30:.2f} GiB in {seconds:.1f} s "
+            f"({summary['bytes'] / 2**20 / max(seconds, 1e-9):.0f} MiB/s)"
+        )
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="Meta (params.json + consolidated.*.pth) or HF model directory")
+    p.add_argument("dst", help="llama-jax checkpoint directory to create")
+    p.add_argument("--from", dest="source", choices=("meta", "hf"), help="force the layout")
+    p.add_argument("--dtype", choices=_DTYPES, help="cast the weights (default: keep)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    convert(args.src, args.dst, source=args.source, dtype=args.dtype, force=args.force)
+    return 0

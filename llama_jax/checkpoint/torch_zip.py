@@ -1,0 +1,330 @@
+"""PyTorch `.pth` / `.bin` files without torch and without running the file's code.
+
+`torch.save` writes a zip archive (stored, not compressed):
+
+    <prefix>/data.pkl      a pickle of the state dict; each tensor is a call to
+                           torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
+                           whose storage is a "persistent id" ('storage', torch.BFloat16Storage,
+                           key, location, numel) naming the file <prefix>/data/<key>
+    <prefix>/data/<key>    raw little-endian bytes of one storage
+    <prefix>/version, <prefix>/byteorder
+
+A plain `pickle.load` of data.pkl would call whatever the pickle names (os.system
+included). `read_pth` unpickles with an allow-list of the four kinds of global a state
+dict needs, each mapped to a harmless stand-in, and returns `LazyTensor`s: shape, dtype
+and where the bytes lie. `LazyTensor.read()` memory-maps just that tensor's bytes and
+copies them out, so a converter holds one tensor at a time, never the whole file.
+
+`write_pth` is the inverse: it streams tensors into the same zip layout and writes the
+pickle by hand (opcodes, no pickler), so `torch.load(..., weights_only=True)` and Meta's
+code read it while this package never imports torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from llama_jax.errors import LlamaError
+
+# torch storage class names -> numpy dtypes (bfloat16 through ml_dtypes, bit-exact).
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "DoubleStorage": np.dtype(np.float64),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+}
+_DTYPE_STORAGES = {v: k for k, v in STORAGE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """Stand-in for a torch.*Storage class named in the pickle."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    """A storage: the zip member `data/<key>` holding `numel` elements of `dtype`."""
+
+    key: str
+    dtype: np.dtype
+    numel: int
+
+
+class LazyTensor:
+    """A tensor inside a `.pth` archive: metadata now, bytes on `read()`."""
+
+    def __init__(self, path: str, member: zipfile.ZipInfo, data_offset: int, storage: _StorageRef,
+                 offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):  # fmt: skip
+        self.path = path
+        self._member = member
+        self._data_offset = data_offset  # byte offset of the storage inside the file
+        self.storage = storage
+        self.offset = offset  # in elements, into the storage
+        self.shape = tuple(int(s) for s in shape)
+        self.stride = tuple(int(s) for s in stride)
+        self.dtype = storage.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        """The tensor as a new C-contiguous numpy array (memory-mapped, then copied)."""
+        item = self.dtype.itemsize
+        n = int(np.prod(self.shape, dtype=np.int64))
+        if n == 0:
+            return np.zeros(self.shape, self.dtype)
+        # Elements spanned by this view of the storage.
+        span = 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride, strict=True))
+        start = self._data_offset + self.offset * item
+        length = span * item
+        gran = mmap.ALLOCATIONGRANULARITY
+        aligned = start - start % gran
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), length + (start - aligned), access=mmap.ACCESS_READ,
+                           offset=aligned)  # fmt: skip
+        try:
+            flat = np.frombuffer(mm, self.dtype, count=span, offset=start - aligned)
+            view = np.lib.stride_tricks.as_strided(
+                flat, self.shape, tuple(st * item for st in self.stride), writeable=False
+            )
+            out = np.array(view, order="C")  # copy so the mapping can close
+            del flat, view
+        finally:
+            mm.close()
+        return out
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles a torch state dict; any global outside the allow-list is refused."""
+
+    def __init__(self, data: bytes, path: str, make_tensor):
+        super().__init__(io.BytesIO(data))
+        self._path = path
+        self._make_tensor = make_tensor
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor_v2
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, requires_grad=False, hooks=None: data
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        raise LlamaError(
+            f"{self._path}: the pickle asks for {module}.{name}, which a tensor state dict never "
+            "needs; refusing to load it (a .pth file can run arbitrary code when unpickled). "
+            "Only torch tensors in dicts are accepted: re-save the weights with "
+            "torch.save(model.state_dict(), ...) from a trusted environment."
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise LlamaError(f"{self._path}: unexpected persistent id {pid!r} in data.pkl.")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise LlamaError(f"{self._path}: storage type {storage_type!r} is not supported.")
+        return _StorageRef(str(key), STORAGE_DTYPES[storage_type.name], int(numel))
+
+    def _rebuild_tensor_v2(self, storage, offset, size, stride, requires_grad=False,
+                           hooks=None, metadata=None):  # fmt: skip
+        if not isinstance(storage, _StorageRef):
+            raise LlamaError(f"{self._path}: a tensor without a storage in data.pkl.")
+        return self._make_tensor(storage, int(offset), tuple(size), tuple(stride))
+
+
+def _local_data_offset(f, info: zipfile.ZipInfo) -> int:
+    """Byte offset of a stored zip member's data (after its local header)."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise LlamaError(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def read_pth(path: str | os.PathLike) -> dict[str, LazyTensor]:
+    """Read the tensor index of a `torch.save` zip file without executing its pickle.
+
+    Args:
+      path: a `.pth` or `pytorch_model*.bin` file.
+    Returns:
+      {name: LazyTensor} in the file's order; call `.read()` for the data.
+    Raises:
+      LlamaError: the file is missing, truncated, not a torch zip archive, asks for a
+        callable outside the allow-list, or has a storage shorter than its tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LlamaError(f"{path}: no such file.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise LlamaError(
+            f"{path}: not a zip-format torch checkpoint (torch >= 1.6 writes zip files; this "
+            "may be the legacy format or a different file). Re-save it with a current torch."
+        )
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise LlamaError(
+            f"{path}: truncated or corrupt zip archive ({e}); download it again."
+        ) from None
+    with zf:
+        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        if len(pkl) != 1:
+            raise LlamaError(f"{path}: expected one data.pkl in the archive, found {pkl}.")
+        prefix = pkl[0][: -len("data.pkl")]
+        try:
+            data = zf.read(pkl[0])
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise LlamaError(f"{path}: cannot read data.pkl ({e}); the file is corrupt.") from None
+        infos = {i.filename: i for i in zf.infolist()}
+        size = os.path.getsize(path)
+        offsets: dict[str, tuple[zipfile.ZipInfo, int]] = {}
+
+        with open(path, "rb") as f:
+
+            def make_tensor(storage: _StorageRef, offset, shape, stride) -> LazyTensor:
+                member = f"{prefix}data/{storage.key}"
+                if member not in offsets:
+                    info = infos.get(member)
+                    if info is None:
+                        raise LlamaError(f"{path}: storage {member} is missing from the archive.")
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise LlamaError(f"{path}: storage {member} is compressed; re-save it.")
+                    try:
+                        start = _local_data_offset(f, info)
+                    except LlamaError as e:
+                        raise LlamaError(f"{path}: {e}; the file is corrupt.") from None
+                    need = storage.numel * storage.dtype.itemsize
+                    if info.file_size < need or start + need > size:
+                        raise LlamaError(
+                            f"{path}: storage {member} holds {info.file_size} bytes but its "
+                            f"tensors need {need}; the file is truncated or corrupt."
+                        )
+                    offsets[member] = (info, start)
+                info, start = offsets[member]
+                span = 1 + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
+                if np.prod(shape) and offset + span > storage.numel:
+                    raise LlamaError(f"{path}: a tensor reaches past the end of {member}.")
+                return LazyTensor(path, info, start, storage, offset, shape, stride)
+
+            try:
+                obj = _RestrictedUnpickler(data, path, make_tensor).load()
+            except LlamaError:
+                raise
+            except Exception as e:  # malformed pickle: name the file, not pickle internals
+                raise LlamaError(
+                    f"{path}: cannot unpickle data.pkl ({e}); the file is corrupt."
+                ) from None
+    if isinstance(obj, dict) and set(obj) >= {"model"} and isinstance(obj["model"], dict):
+        obj = obj["model"]  # some trainers wrap the state dict
+    if not isinstance(obj, dict):
+        raise LlamaError(f"{path}: expected a state dict, found {type(obj).__name__}.")
+    out = {}
+    for name, value in obj.items():
+        if isinstance(value, LazyTensor):
+            out[str(name)] = value
+    return out
+
+
+# Writing ---------------------------------------------------------------------------
+
+
+def _int(v: int) -> bytes:
+    if 0 <= v < 2**31:
+        return b"J" + struct.pack("<i", v)  # BININT
+    raw = int(v).to_bytes((int(v).bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+
+
+def _str(s: str) -> bytes:
+    raw = s.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _tuple(items: Iterable[bytes]) -> bytes:
+    return b"(" + b"".join(items) + b"t"  # MARK ... TUPLE
+
+
+def _state_dict_pickle(entries: list[tuple[str, str, np.dtype, tuple[int, ...]]]) -> bytes:
+    """Protocol-2 pickle of an OrderedDict of tensors, each on its own storage."""
+    ordered_dict = _global("collections", "OrderedDict") + b")R"  # OrderedDict()
+    out = [b"\x80\x02", ordered_dict, b"("]
+    for name, key, dtype, shape in entries:
+        numel = int(np.prod(shape, dtype=np.int64))
+        stride = [int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape))]
+        storage = (
+            _tuple(
+                [
+                    _str("storage"),
+                    _global("torch", _DTYPE_STORAGES[np.dtype(dtype)]),
+                    _str(key),
+                    _str("cpu"),
+                    _int(numel),
+                ]
+            )
+            + b"Q"
+        )  # fmt: skip  BINPERSID
+        args = _tuple([
+            storage, _int(0), _tuple(map(_int, shape)), _tuple(map(_int, stride)),
+            b"\x89", ordered_dict,
+        ])  # fmt: skip
+        out += [_str(name), _global("torch._utils", "_rebuild_tensor_v2"), args, b"R"]
+    out += [b"u", b"."]  # SETITEMS, STOP
+    return b"".join(out)
+
+
+def write_pth(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]]) -> int:
+    """Stream (name, array) pairs into a `torch.save`-compatible zip file.
+
+    Each array is written as soon as it arrives, so callers can produce them one at a
+    time. bfloat16 arrays (ml_dtypes) are written bit-exact as torch.bfloat16.
+
+    Args:
+      path: the file to create.
+      tensors: (name, numpy array) pairs, in the order the state dict should list them.
+    Returns:
+      The number of tensor bytes written.
+    """
+    prefix = os.path.splitext(os.path.basename(os.fspath(path)))[0] or "archive"
+    entries = []
+    total = 0
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for i, (name, arr) in enumerate(tensors):
+            arr = np.ascontiguousarray(arr)
+            if arr.dtype not in _DTYPE_STORAGES:
+                raise LlamaError(f"Tensor {name!r} has dtype {arr.dtype}, not storable in .pth.")
+            with zf.open(f"{prefix}/data/{i}", "w", force_zip64=arr.nbytes > 2**31 - 2**20) as w:
+                w.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            entries.append((name, str(i), arr.dtype, tuple(arr.shape)))
+            total += arr.nbytes
+        zf.writestr(f"{prefix}/data.pkl", _state_dict_pickle(entries))
+        zf.writestr(f"{prefix}/byteorder", "little")
+        zf.writestr(f"{prefix}/version", "3\n")
+    return total
