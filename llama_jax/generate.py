@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import sharding
 from llama_jax.attention import KVCache
 from llama_jax.errors import LlamaError
 from llama_jax.sampling import SamplingParams, sample
@@ -326,10 +327,14 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
     cache_bound = max_new_tokens > n_tokens
 
     graphdef, state = nnx.split(model)
+    # A model sharded over a mesh decodes on it: with the mesh in context the model's
+    # logical constraints shard heads and MLP over `tensor` (and rows over data/fsdp).
+    mesh = _mesh_of(state)
     arrays = sampling.arrays()
     key = jax.random.key(sampling.seed)
-    ds = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), stops, arrays, key,
-                  cache_len=cache_len, pad_id=pad_id)  # fmt: skip
+    with sharding.use_mesh(mesh):
+        ds = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), stops, arrays,
+                      key, cache_len=cache_len, pad_id=pad_id)  # fmt: skip
 
     result = GenerationStream(iter(()), [[] for _ in range(B)], [None] * B, np.zeros(B, bool))
 
@@ -346,8 +351,9 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
 
     def run_loop():
         nonlocal ds
-        ds = _decode_loop(graphdef, state, ds, stops, arrays, key, jnp.int32(n_tokens),
-                          pad_id=pad_id)  # fmt: skip
+        with sharding.use_mesh(mesh):
+            ds = _decode_loop(graphdef, state, ds, stops, arrays, key, jnp.int32(n_tokens),
+                              pad_id=pad_id)  # fmt: skip
         out, stopped, step = jax.device_get((ds.out, ds.stopped, ds.step))
         finish(out, stopped, int(step))
         yield from ()
@@ -369,7 +375,8 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
                 break
             if result._host_stop.any():
                 ds = dataclasses.replace(ds, done=ds.done | jnp.asarray(result._host_stop))
-            ds = _decode_step(graphdef, state, ds, stops, arrays, key, pad_id=pad_id)
+            with sharding.use_mesh(mesh):
+                ds = _decode_step(graphdef, state, ds, stops, arrays, key, pad_id=pad_id)
         for i in range(B):
             if stopped[i] or result._host_stop[i]:
                 result.finish_reasons[i] = STOP
@@ -380,6 +387,15 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
 
     result._iter = run_stream() if stream else run_loop()
     return result
+
+
+def _mesh_of(state):
+    """The mesh the model's parameters are sharded over, or None (one device)."""
+    for leaf in jax.tree.leaves(state):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, jax.sharding.Mesh) and mesh.size > 1:
+            return mesh
+    return None
 
 
 # -- text level ----------------------------------------------------------------------------------
