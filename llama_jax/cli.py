@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llama_jax.info", "describe a preset: shapes, parameters, memory; run a forward"),
     "convert": ("llama_jax.checkpoint.convert", "Meta or Hugging Face weights -> a checkpoint"),
     "export": ("llama_jax.checkpoint.export", "a checkpoint -> Hugging Face or Meta weights"),
+    "generate": ("llama_jax.generate", "continue a prompt (streamed), greedy or sampled"),
+    "chat": ("llama_jax.chat", "an interactive chat with history in the model's chat format"),
 }
 
 

@@ -1,0 +1,130 @@
+"""`llama-jax generate` and `llama-jax chat` on a tiny saved checkpoint."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import llama_jax as lj
+from llama_jax.chat import chat_loop, fit_history
+from llama_jax.checkpoint import save
+from llama_jax.cli import main
+from llama_jax.generate import generate_text
+from llama_jax.tokenizer import train_sentencepiece
+
+CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96,
+                     max_seq_len=128)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    words = "the llama ate grass while alpacas watched the quiet hills at dawn".split()
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(words, size=12)) for _ in range(300)]
+    tok = train_sentencepiece(corpus, root / "tokenizer.model", 300)
+    model = lj.Transformer(CFG, rngs=nnx.Rngs(2))
+    save(model, root / "ckpt", tokenizer=str(root / "tokenizer.model"))
+    return root / "ckpt", model, tok
+
+
+def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
+    path, model, tok = checkpoint
+    argv = ["generate", "--checkpoint", str(path), "--prompt", "the llama", "--temperature",
+            "0", "--max-new-tokens", "12"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    pieces = []
+    want = generate_text(model, tok, "the llama", 12, on_text=lambda row, t: pieces.append(t))
+    assert out == "the llama" + want + "\n" and len(pieces) > 1
+
+
+def test_generate_command_batch_and_chat(checkpoint, capsys):
+    path, model, tok = checkpoint
+    argv = ["generate", "--checkpoint", str(path), "--prompt", "the llama", "--prompt", "dawn",
+            "--chat", "--system", "Be brief.", "--max-new-tokens", "6", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    system = {"role": "system", "content": "Be brief."}
+    want = generate_text(model, tok, [[system, {"role": "user", "content": p}] for p in
+                         ("the llama", "dawn")], 6, 0.6, None, 0.9, 3, chat=True)  # fmt: skip
+    assert out == f"--- prompt 0: the llama\n{want[0]}\n--- prompt 1: dawn\n{want[1]}\n"
+
+
+def test_chat_loop_keeps_history(checkpoint):
+    _, model, tok = checkpoint
+    inputs = iter(["hello there", "", "the quiet hills", "/reset", "at dawn", "/exit"])
+    written = []
+    dialog = chat_loop(model, tok, lambda prompt: next(inputs), written.append,
+                       system="Be brief.", max_new_tokens=5, temperature=0.0)  # fmt: skip
+    roles = [m["role"] for m in dialog]
+    assert roles == ["system", "user", "assistant"] and dialog[1]["content"] == "at dawn"
+    assert "[history cleared]\n" in written
+    # The answer streamed to the terminal is the one kept in the history.
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    assert generate_text(model, tok, first, 5, chat=True) in "".join(written)
+
+
+def test_chat_command_reads_stdin_until_eof(checkpoint, capsys, monkeypatch):
+    path, _, _ = checkpoint
+    lines = iter(["hi"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--checkpoint", str(path), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("llama> ")
+
+
+def test_history_that_does_not_fit_drops_the_oldest_exchanges(checkpoint):
+    _, _, tok = checkpoint
+    dialog = [{"role": "system", "content": "s"}]
+    for i in range(6):
+        dialog += [{"role": "user", "content": f"question {i} " * 5},
+                   {"role": "assistant", "content": "answer " * 5}]  # fmt: skip
+    dialog.append({"role": "user", "content": "last"})
+    kept, dropped = fit_history(tok, dialog, 60)
+    assert len(tok.encode_dialog(kept)) <= 60 < len(tok.encode_dialog(dialog))
+    assert kept[0] == dialog[0] and kept[-1] == dialog[-1] and dropped == len(dialog) - len(kept)
+    with pytest.raises(lj.LlamaError, match="too long"):
+        fit_history(tok, dialog, 5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-p", "1.5"], "top_p must lie in (0, 1]"),
+        (["--prompt", ""], "Prompt 1 is empty"),
+        (["--prompt", "the llama " * 70], "more than the model's context of 128"),
+        (["--system", "x"], "--system needs --chat"),
+    ],
+)
+def test_generate_command_bad_input(checkpoint, capsys, extra, message):
+    path, _, _ = checkpoint
+    argv = ["generate", "--checkpoint", str(path), "--prompt", "hi", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "llama-jax generate: error:" in err and message in err
+
+
+def test_missing_checkpoint_or_tokenizer(checkpoint, capsys, tmp_path):
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["chat", "--checkpoint", str(tmp_path)]) == 2
+    assert "holds no tokenizer.model" in capsys.readouterr().err
+    (tmp_path / "bad.model").write_bytes(b"\x00\x01garbage")
+    path = str(checkpoint[0])
+    argv = [
+        "generate",
+        "--checkpoint",
+        path,
+        "--prompt",
+        "x",
+        "--tokenizer",
+        str(tmp_path / "bad.model"),
+    ]
+    assert main(argv) == 2
+    assert "neither a SentencePiece model" in capsys.readouterr().err
