@@ -8,6 +8,7 @@ from llama_jax.attention import KVCache
 from llama_jax.checkpoint import load
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
 from llama_jax.errors import LlamaError
+from llama_jax.generate import generate, generate_text
 from llama_jax.model import Transformer, abstract_model, build_model, count_params
 from llama_jax.tokenizer import Tokenizer
 
@@ -24,6 +25,8 @@ __all__ = [
     "abstract_model",
     "build_model",
     "count_params",
+    "generate",
+    "generate_text",
     "get_preset",
     "load",
 ]
