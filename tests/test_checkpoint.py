@@ -239,3 +239,21 @@ def test_save_copies_tokenizer_and_records_config(tmp_path):
     assert_bitwise_equal(params_of(lj.load(tmp_path / "ckpt")), params_of(model))
     with pytest.raises(lj.LlamaError, match="already exists"):
         save(model, tmp_path / "ckpt")
+
+
+def test_pth_reader_handles_views_and_writer_is_read_by_torch(tmp_path):
+    from llama_jax.checkpoint.torch_zip import read_pth, write_pth
+    from tests.checkpoint_helpers import to_numpy
+
+    base = torch.randn(6, 8)
+    sd = {"t": base.t(), "slice": base[2:5], "bf16": torch.randn(3, 4).bfloat16(),
+          "f16": torch.randn(5).half()}  # fmt: skip
+    torch.save(sd, tmp_path / "a.pth")  # views share one storage
+    lazy = read_pth(tmp_path / "a.pth")
+    for k, v in sd.items():
+        got = lazy[k].read()
+        assert got.dtype == to_numpy(v).dtype and np.array_equal(got, to_numpy(v)), k
+    write_pth(tmp_path / "b.pth", ((k, t.read()) for k, t in lazy.items()))
+    back = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert list(back) == list(sd)
+    assert all(torch.equal(back[k], v) for k, v in sd.items())

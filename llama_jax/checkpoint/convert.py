@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from llama_jax.checkpoint import layout, store
+from llama_jax.checkpoint.mapped import release_freed_memory
 from llama_jax.checkpoint.sources import MetaSource, detect
 from llama_jax.errors import LlamaError
 
@@ -68,8 +69,10 @@ def convert(
 
     def get(name: str):
         """(parameter path, layer, array in our layout and the target dtype)."""
-        path, layer, w = layout.meta_to_param(name, reader.tensor(name), cfg)
-        w = np.ascontiguousarray(w.astype(target, copy=False))
+        path, layer, shape = layout.param_slot(name, cfg)
+        w = np.empty(shape, target)
+        # Read straight into the final layout and dtype: no intermediate copies.
+        reader.read_into(name, layout.meta_view(name, w, cfg))
         totals["parameters"] += w.size
         totals["bytes"] += w.nbytes
         bar.update(1)
@@ -85,6 +88,7 @@ def convert(
             reader.check_tied_output(emb)
         store.write_group(tmp, store.top_dir(("tok_embeddings",)), {"tok_embeddings": emb})
         del emb
+        release_freed_memory()
         for i in range(cfg.n_layers):
             block = {}
             for name in names:
@@ -93,6 +97,7 @@ def convert(
                     block[path[1:]] = w
             store.write_group(tmp, store.layer_dir(i), store.layer_tree(block))
             del block
+            release_freed_memory()
         _, _, norm = get("norm.weight")
         store.write_group(tmp, store.top_dir(("norm",)), {"norm": {"weight": norm}})
         if not cfg.tie_word_embeddings:

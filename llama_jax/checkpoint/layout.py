@@ -17,6 +17,7 @@ Every function here works on one tensor at a time, so converters can stream.
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 
@@ -268,6 +269,17 @@ def meta_params(cfg: LlamaConfig) -> dict:
     multiplier of (F + 0.5) / int(8 D / 3), which the rule turns back into exactly F.
     """
     params = cfg.to_meta_params()
+    s = cfg.rope_scaling
+    if s is not None and (s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len) != (
+        1.0, 4.0, 8192,
+    ):  # fmt: skip
+        # Meta's code hard-codes these three; params.json can only carry the factor.
+        warnings.warn(
+            f"rope_scaling {s} differs from Meta's fixed low_freq_factor=1, "
+            "high_freq_factor=4, original_max_seq_len=8192, which params.json cannot "
+            "express; Meta's code will use its own values.",
+            stacklevel=2,
+        )
     F = cfg.ffn_hidden_dim
     if LlamaConfig.from_meta_params(params).ffn_hidden_dim != F:
         params["multiple_of"] = F
@@ -275,3 +287,37 @@ def meta_params(cfg: LlamaConfig) -> dict:
         if LlamaConfig.from_meta_params(params).ffn_hidden_dim != F:
             raise LlamaError(f"FFN width {F} cannot be expressed in Meta's params.json.")
     return params
+
+
+def reshape_view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Reshape without copying; raises if the strides do not allow it."""
+    v = x.view()
+    v.shape = shape  # numpy refuses (AttributeError) instead of silently copying
+    return v
+
+
+def param_slot(name: str, cfg: LlamaConfig) -> tuple[tuple[str, ...], int | None, tuple]:
+    """(parameter path, layer or None, shape in our layout) of Meta tensor `name`."""
+    shape = meta_shape(name, cfg)
+    fake = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
+    path, layer, w = meta_to_param(name, fake, cfg)  # shapes only: no memory
+    return path, layer, tuple(w.shape)
+
+
+def meta_view(name: str, param: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """A view of `param` (our layout) shaped and ordered like Meta's tensor `name`.
+
+    Writing Meta's tensor into the view fills `param`, so converters can read straight
+    into the final layout: the inverse of `meta_to_param` as strides, never a copy.
+    """
+    m = _META_LAYER.fullmatch(name)
+    leaf = "" if m is None else m.group(2).split(".")[-1]
+    if name == "output.weight" or leaf in ("w1", "w2", "w3"):
+        return param.T
+    if leaf in ("wq", "wk", "wv"):
+        D, n, H = param.shape
+        return reshape_view(param.transpose(1, 2, 0), (n * H, D))  # [D, n, H] -> [n*H, D]
+    if leaf == "wo":
+        N, H, D = param.shape
+        return reshape_view(param, (N * H, D)).T  # [N, H, D] -> [D, N*H]
+    return param

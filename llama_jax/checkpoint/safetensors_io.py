@@ -12,7 +12,6 @@ bit-exact (ml_dtypes), and write a file whose tensors are produced one by one:
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from collections.abc import Iterable
 import ml_dtypes
 import numpy as np
 
+from llama_jax.checkpoint.mapped import copy_into
 from llama_jax.errors import LlamaError
 
 DTYPES: dict[str, np.dtype] = {
@@ -49,22 +49,16 @@ class SafeTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def read(self) -> np.ndarray:
-        """The tensor as a new numpy array (memory-mapped, then copied)."""
-        if self.nbytes == 0:
-            return np.zeros(self.shape, self.dtype)
-        gran = mmap.ALLOCATIONGRANULARITY
-        aligned = self.start - self.start % gran
-        with open(self.path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), self.nbytes + self.start - aligned,
-                           access=mmap.ACCESS_READ, offset=aligned)  # fmt: skip
-        try:
-            view = np.frombuffer(mm, self.dtype, count=int(np.prod(self.shape)),
-                                 offset=self.start - aligned)  # fmt: skip
-            out = view.reshape(self.shape).copy()
-            del view
-        finally:
-            mm.close()
+        """The tensor as a new numpy array."""
+        out = np.empty(self.shape, self.dtype)
+        self.read_into(out)
         return out
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Copy the tensor into `out` (same number of elements, any strides and dtype)."""
+        if out.size != int(np.prod(self.shape, dtype=np.int64)):
+            raise LlamaError(f"{self.path}: cannot read shape {self.shape} into {out.shape}.")
+        copy_into(self.path, self.start, self.dtype, out)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, SafeTensor]:

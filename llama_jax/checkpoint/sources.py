@@ -55,9 +55,15 @@ class Source:
         """The Meta tensor names to convert, in file order."""
         return layout.meta_names(self.cfg)
 
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Fill `out`, a Meta-shaped (possibly strided) view, with tensor `name`."""
+        raise NotImplementedError
+
     def tensor(self, name: str) -> np.ndarray:
         """Tensor `name` (a Meta name), whole and in Meta's layout."""
-        raise NotImplementedError
+        out = np.empty(layout.meta_shape(name, self.cfg), self.dtype)
+        self.read_into(name, out)
+        return out
 
 
 def detect(src: str, source: str | None = None) -> Source:
@@ -141,6 +147,7 @@ class MetaSource(Source):
             raise LlamaError(f"{paths[0]}: tensor 'tok_embeddings.weight' is missing.")
         dtype = _dtype_name(first["tok_embeddings.weight"].dtype, f"{paths[0]} tok_embeddings")
         self.cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+        self.dtype = first["tok_embeddings.weight"].dtype
         # Meta's downloads keep tokenizer.model beside the weights or one level up.
         parent = os.path.dirname(os.path.abspath(src))
         for candidate in (os.path.join(src, "tokenizer.model"),
@@ -205,27 +212,24 @@ class MetaSource(Source):
             )
         return pieces, axis, dup
 
-    def tensor(self, name: str) -> np.ndarray:
+    def read_into(self, name: str, out: np.ndarray) -> None:
         pieces, axis, dup = self._plan(name)
         if axis is None:
-            return pieces[0].read()
-        kept = pieces[::dup]
-        out = np.empty(layout.meta_shape(name, self.cfg), kept[0].dtype)
+            pieces[0].read_into(out)
+            return
         start = 0
-        for i, piece in enumerate(kept):
-            a = piece.read()
-            for copy in pieces[i * dup + 1 : (i + 1) * dup]:
-                if not np.array_equal(copy.read().view(np.uint8), a.view(np.uint8)):
+        for i, piece in enumerate(pieces[::dup]):
+            index = [slice(None)] * out.ndim
+            index[axis] = slice(start, start + piece.shape[axis])
+            part = out[tuple(index)]
+            piece.read_into(part)
+            start += piece.shape[axis]
+            for copy in pieces[i * dup + 1 : (i + 1) * dup]:  # one KV head, small
+                if not np.array_equal(copy.read(), part.astype(copy.dtype)):
                     raise LlamaError(
                         f"{copy.path}: tensor {name!r} should repeat the KV head of the "
                         "previous shard but differs from it; the shards are inconsistent."
                     )
-            index = [slice(None)] * a.ndim
-            index[axis] = slice(start, start + a.shape[axis])
-            out[tuple(index)] = a
-            start += a.shape[axis]
-            del a
-        return out
 
     def check_tied_output(self, embedding: np.ndarray) -> None:
         """Llama 3.2 files may carry output.weight although it is tied: warn if it differs."""
@@ -266,6 +270,7 @@ class HFSource(Source):
         emb = self.tensors["model.embed_tokens.weight"]
         dtype = _dtype_name(emb.dtype, "model.embed_tokens.weight")
         self.cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+        self.dtype = emb.dtype
         for candidate in ("tokenizer.model", "original/tokenizer.model"):
             if os.path.isfile(os.path.join(src, candidate)):
                 self.tokenizer = os.path.join(src, candidate)
@@ -337,7 +342,15 @@ class HFSource(Source):
                     "weights."
                 )
 
-    def tensor(self, name: str) -> np.ndarray:
-        hf_name = self._meta_to_hf[name]
-        _, w = layout.hf_to_meta_tensor(hf_name, self.tensors[hf_name].read(), self.cfg)
-        return w
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        t = self.tensors[self._meta_to_hf[name]]
+        leaf = name.split(".")[-2]
+        if leaf in ("wq", "wk"):
+            # HF row n*H + p*H/2 + j is Meta row n*H + 2j + p (see layout.py): view `out`
+            # in HF's order and let the copy do the permutation.
+            n = self.cfg.n_heads if leaf == "wq" else self.cfg.kv_heads
+            H = self.cfg.head_dim
+            out = layout.reshape_view(out, (n, H // 2, 2, out.shape[-1])).swapaxes(
+                1, 2
+            )  # [n, 2, H/2, D]
+        t.read_into(out)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import io
-import mmap
 import os
 import pickle
 import struct
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from llama_jax.checkpoint.mapped import copy_into
 from llama_jax.errors import LlamaError
 
 # torch storage class names -> numpy dtypes (bfloat16 through ml_dtypes, bit-exact).
@@ -88,30 +88,35 @@ class LazyTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def read(self) -> np.ndarray:
-        """The tensor as a new C-contiguous numpy array (memory-mapped, then copied)."""
-        item = self.dtype.itemsize
-        n = int(np.prod(self.shape, dtype=np.int64))
-        if n == 0:
-            return np.zeros(self.shape, self.dtype)
-        # Elements spanned by this view of the storage.
-        span = 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride, strict=True))
-        start = self._data_offset + self.offset * item
-        length = span * item
-        gran = mmap.ALLOCATIONGRANULARITY
-        aligned = start - start % gran
-        with open(self.path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), length + (start - aligned), access=mmap.ACCESS_READ,
-                           offset=aligned)  # fmt: skip
-        try:
-            flat = np.frombuffer(mm, self.dtype, count=span, offset=start - aligned)
-            view = np.lib.stride_tricks.as_strided(
-                flat, self.shape, tuple(st * item for st in self.stride), writeable=False
-            )
-            out = np.array(view, order="C")  # copy so the mapping can close
-            del flat, view
-        finally:
-            mm.close()
+        """The tensor as a new C-contiguous numpy array."""
+        out = np.empty(self.shape, self.dtype)
+        self.read_into(out)
         return out
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Copy the tensor into `out` (same number of elements, any strides and dtype).
+
+        The bytes are memory-mapped a slice at a time, so the file's pages never all
+        sit in memory; the dtype is cast while copying.
+        """
+        if out.size != int(np.prod(self.shape, dtype=np.int64)):
+            raise LlamaError(f"{self.path}: cannot read shape {self.shape} into {out.shape}.")
+        contiguous = tuple(self.stride) == tuple(
+            int(np.prod(self.shape[i + 1 :], dtype=np.int64)) for i in range(len(self.shape))
+        )
+        start = self._data_offset + self.offset * self.dtype.itemsize
+        if contiguous or out.size <= 1:
+            copy_into(self.path, start, self.dtype, out)
+            return
+        # A strided view of a storage (rare in checkpoints): map its whole span once.
+        item = self.dtype.itemsize
+        span = 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride, strict=True))
+        flat = np.empty(span, self.dtype)
+        copy_into(self.path, start, self.dtype, flat)
+        view = np.lib.stride_tricks.as_strided(
+            flat, self.shape, tuple(st * item for st in self.stride), writeable=False
+        )
+        np.copyto(out, view.reshape(out.shape), casting="unsafe")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
