@@ -465,6 +465,23 @@ def shard_model(model, mesh: Mesh | None):
     return model
 
 
+def put_global(host: Any, sharding: NamedSharding) -> jax.Array:
+    """Place a host array on `sharding`, each process copying only the shards it holds.
+
+    Every process passes the same full value (a numpy array, or a memory-mapped tensor
+    of a checkpoint file, which is then read only where a local shard needs it); no
+    device ever holds more than its shard. On one process this is `jax.device_put`.
+
+    Args:
+      host: an array-like with the global shape.
+      sharding: the target sharding (e.g. one leaf of `param_shardings`).
+    Returns:
+      The global jax.Array.
+    """
+    shape = tuple(host.shape)
+    return jax.make_array_from_callback(shape, sharding, lambda index: np.asarray(host[index]))
+
+
 def shard_batch(local: Any, mesh: Mesh | None) -> jax.Array:
     """A global [B, ...] array from this process's rows of the batch.
 
@@ -488,6 +505,52 @@ def shard_batch(local: Any, mesh: Mesh | None) -> jax.Array:
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def jit_forward(model, mesh: Mesh | None = None) -> Callable[..., jax.Array]:
+    """The model's forward as one `jax.jit` with explicit in/out shardings (what was pjit).
+
+    Parameters go in with their `param_shardings`, the tokens split over data x fsdp, the
+    logits come out split over the batch and the vocabulary; the mesh is in context while
+    tracing, so the model's `constrain` calls pin the activations at block boundaries.
+    One compilation per token shape.
+
+    Args:
+      model: a Transformer, its parameters already on `mesh` (`build_model(cfg,
+        mesh=mesh)`, `shard_model`) or on one device when mesh is None.
+      mesh: the mesh, or None for a plain single-device jit.
+    Returns:
+      forward(tokens [B, T] int32, attention_mask=None) -> float32 logits [B, T, V]. On
+      several processes, pass a global array (`shard_batch`).
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    apply = lambda state, tokens, mask: nnx.merge(graphdef, state)(tokens, attention_mask=mask)
+    if mesh is None:
+        plain = jax.jit(apply)
+        return lambda tokens, attention_mask=None: plain(state, tokens, attention_mask)
+    validate(model.cfg, mesh)
+    state_shardings = param_shardings(state, mesh)
+    compiled: dict[tuple[int, ...], Any] = {}
+
+    def forward(tokens, attention_mask=None):
+        shape = tuple(tokens.shape)
+        rows = batch_sharding(mesh, shape)
+        if shape not in compiled:
+            logits = logical_sharding(
+                mesh, ("batch", "length", "act_vocab"), (*shape, model.cfg.vocab_size)
+            )
+            compiled[shape] = jax.jit(
+                apply, in_shardings=(state_shardings, rows, rows), out_shardings=logits
+            )
+        if attention_mask is None:
+            attention_mask = np.ones(shape, bool)
+        tokens, attention_mask = jax.device_put((tokens, attention_mask), rows)
+        with use_mesh(mesh):
+            return compiled[shape](state, tokens, attention_mask)
+
+    return forward
 
 
 # --------------------------------------------------------------------------- explicit axes

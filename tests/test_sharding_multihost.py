@@ -1,0 +1,114 @@
+"""Two processes on loopback, 4 CPU devices each, one mesh of 8: a multi-host run in small.
+
+tests/multihost_worker.py is the program each process runs; this file starts both,
+and compares what they computed with the single-process, single-device model.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import llama_jax as lj
+from llama_jax import sharding
+
+CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128,
+                     max_seq_len=64)  # fmt: skip
+SEED = 5
+MESH = "fsdp=-1,tensor=2"  # 4 x 2 over both processes' devices
+RESTORE_MESH = "data=2,fsdp=1,tensor=4"  # a different layout for the restore
+PROCESSES, DEVICES_EACH = 2, 4
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def batch():
+    """The global batch [8, 12] and its left-padding mask; each process takes its rows."""
+    tokens = np.random.default_rng(11).integers(0, CFG.vocab_size, (8, 12), dtype=np.int32)
+    mask = np.ones(tokens.shape, bool)
+    mask[2, :4] = False
+    mask[6, :2] = False
+    return tokens, mask
+
+
+def host_weights() -> dict:
+    """The model's weights as numpy arrays, the same in every process."""
+    rng = np.random.default_rng(SEED)
+    abstract = nnx.to_pure_dict(nnx.state(lj.abstract_model(CFG)))
+    return jax.tree.map(lambda a: 0.05 * rng.standard_normal(a.shape, np.float32), abstract)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(out: Path, timeout: float = 150.0) -> None:
+    """Start the worker processes, wait for all, kill every one on failure or timeout."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_EACH}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+    }
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "multihost_worker.py"),
+                str(i),
+                str(PROCESSES),
+                str(port),
+                str(out),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(PROCESSES)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        logs = [p.communicate()[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    report = "\n".join(f"--- process {i} (exit {c})\n{log[-3000:]}" for i, (c, log) in
+                       enumerate(zip(codes, logs, strict=True)))  # fmt: skip
+    assert codes == [0] * PROCESSES, report
+    # Only process 0 prints.
+    assert "forward on mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes" in logs[0], report
+    assert "forward on" not in logs[1], report
+
+
+def test_two_processes_match_one(tmp_path):
+    run_workers(tmp_path)
+
+    tokens, mask = batch()
+    model = lj.abstract_model(CFG)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, host_weights()))
+    nnx.update(model, state)
+    want = np.asarray(sharding.jit_forward(model)(tokens, mask))
+    for name in ("logits.npy", "logits_restored.npy"):
+        got = np.load(tmp_path / name)
+        assert got.shape == want.shape
+        err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        assert err < 1e-5, (name, err)
