@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("llama_jax.checkpoint.export", "a checkpoint -> Hugging Face or Meta weights"),
     "generate": ("llama_jax.generate", "continue a prompt (streamed), greedy or sampled"),
     "chat": ("llama_jax.chat", "an interactive chat with history in the model's chat format"),
+    "train": ("llama_jax.train", "train or fine-tune on text/JSONL, sharded, resumable"),
 }
 
 

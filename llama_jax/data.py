@@ -45,7 +45,8 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+            found = sorted(f for f in p.rglob("*") if f.is_file())
+            files.extend(f for f in found if not _hidden_or_binary(f.relative_to(p), f))
         elif p.is_file():
             files.append(p)
         else:
@@ -53,6 +54,17 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path
                 f"Data path {str(p)!r} does not exist; pass a text/JSONL file or a directory."
             )
     return files
+
+
+def _hidden_or_binary(rel: Path, path: Path) -> bool:
+    """Skipped inside directories: hidden paths, __pycache__, files with a NUL byte early on.
+
+    (Like `grep -I`: a directory of sources often holds compiled or binary files.)
+    """
+    if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+        return True
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
 
 
 def _read_text(path: Path) -> str:
@@ -86,7 +98,8 @@ def read_documents(
     """Documents for pretraining: one per plain-text file, one per line of a .jsonl file.
 
     Args:
-      paths: files or directories (searched recursively, sorted, so the order is fixed).
+      paths: files or directories (searched recursively, sorted, so the order is fixed;
+        hidden files, __pycache__ and binary files inside directories are skipped).
         A file ending in `.jsonl` holds one JSON object per line with the text under
         `text_key`; any other file is one UTF-8 document.
       text_key: the JSONL field holding the text.
