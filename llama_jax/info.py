@@ -2,6 +2,7 @@
 
 llama-jax info llama3.1-8b          # shapes, parameter counts, memory, KV cache size
 llama-jax info tiny --forward       # also build it with random weights and run it
+llama-jax info tiny --forward --mesh fsdp_tp   # ... sharded over all devices
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", nargs="?", default="tiny", help="preset name (default: tiny)")
     p.add_argument("--forward", action="store_true", help="run a forward pass on random weights")
     p.add_argument("--list", action="store_true", help="list every preset and exit")
+    from llama_jax.sharding import add_mesh_argument
+
+    add_mesh_argument(p)
 
 
 def describe(cfg) -> str:
@@ -50,18 +54,32 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = get_preset(args.preset)
     print(describe(cfg))
-    if args.forward:
-        import jax
-        import jax.numpy as jnp
+    mesh = None
+    if args.mesh is not None:
         from flax import nnx
 
-        from llama_jax.model import build_model
+        from llama_jax import sharding
+        from llama_jax.model import abstract_model
 
-        model = build_model(cfg)
-        tokens = jnp.arange(16, dtype=jnp.int32)[None] % cfg.vocab_size
-        forward = nnx.jit(lambda m, t: m(t))
+        mesh = sharding.make_mesh(args.mesh)
+        sharding.validate(cfg, mesh)
+        params = nnx.state(abstract_model(cfg), nnx.Param)
+        held = sharding.bytes_per_device(params, sharding.param_shardings(params, mesh))
+        size = f"{held / 2**30:.2f} GiB" if held >= 2**30 else f"{held / 2**20:.2f} MiB"
+        print(f"  {sharding.describe_mesh(mesh)}: {size} of weights per device")
+    if args.forward:
+        import jax
+        import numpy as np
+
+        from llama_jax.model import build_model
+        from llama_jax.sharding import jit_forward
+
+        model = build_model(cfg, mesh=mesh)
+        rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        tokens = np.arange(16 * rows, dtype=np.int32).reshape(rows, 16) % cfg.vocab_size
+        forward = jit_forward(model, mesh)
         t0 = time.perf_counter()
-        logits = jax.block_until_ready(forward(model, tokens))
+        logits = jax.block_until_ready(forward(tokens))
         print(f"  forward on random weights: logits {logits.shape} {logits.dtype}, "
               f"compiled and ran in {time.perf_counter() - t0:.2f}s")  # fmt: skip
     return 0

@@ -239,7 +239,8 @@ def describe_mesh(mesh: Mesh | None) -> str:
     sizes = " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
     kinds = sorted({str(t).split(".")[-1] for t in mesh.axis_types})
     return (
-        f"mesh {sizes} ({mesh.size} devices, {jax.process_count()} process"
+        f"mesh {sizes} ({mesh.size} device{'s' if mesh.size > 1 else ''}, "
+        f"{jax.process_count()} process"
         f"{'es' if jax.process_count() > 1 else ''}, {'/'.join(kinds)} axes)"
     )
 
@@ -387,6 +388,21 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
         )
     axes = (*BATCH_AXES, *([None] * (len(shape) - 2)))[: len(shape)]
     return logical_sharding(mesh, axes, shape)
+
+
+def bytes_per_device(tree, shardings) -> int:
+    """The bytes one device holds of `tree` placed on `shardings`, without allocating.
+
+    Args:
+      tree: arrays or ShapeDtypeStructs (e.g. the abstract model's parameters).
+      shardings: the matching tree of NamedShardings (e.g. `param_shardings(tree, mesh)`).
+    Returns:
+      Bytes per device (every device holds the same amount under these rules).
+    """
+    return sum(
+        math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -240,6 +240,20 @@ def test_sharded_gradients_match_single_device():
         assert rel_err(g, want[path]) < 1e-5, jax.tree_util.keystr(path)
 
 
+@pytest.mark.parametrize("explicit", [True, False])
+def test_load_a_checkpoint_onto_a_mesh(tmp_path, explicit):
+    # llama_jax.load restores each array onto its sharding, on a mesh from plain
+    # jax.make_mesh (Explicit axes) or one with Auto axes.
+    path = lj.checkpoint.save(model_of("gqa"), tmp_path / "ckpt")
+    types = AxisType.Explicit if explicit else AxisType.Auto
+    mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(types,) * 3)
+    model = lj.load(path, mesh=mesh)
+    assert model.layers.attention.wq[...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert model.layers.attention.wq[...].sharding.mesh.axis_types == (types,) * 3
+    tokens, mask = batch(CONFIGS["gqa"])
+    assert rel_err(sh.jit_forward(model, mesh)(tokens, mask), reference_logits("gqa")) < 1e-5
+
+
 # --------------------------------------------------------------------------- placement
 
 
@@ -294,6 +308,15 @@ def test_fsdp_tp_specs_follow_the_rules_table():
         assert flat[path].sharding.spec == spec, path
     for path, x in flat.items():
         assert x.sharding.spec == sh.logical_to_spec(sh.PARAM_AXES[path], x.shape, mesh)
+
+
+def test_bytes_per_device_is_planned_without_allocating():
+    mesh = sh.make_mesh("fsdp_tp")
+    params = params_of(model_of("tied", mesh))
+    abstract = nnx.to_pure_dict(nnx.state(lj.abstract_model(CONFIGS["tied"])))
+    planned = sh.bytes_per_device(abstract, sh.param_shardings(abstract, mesh))
+    assert planned == shard_bytes_on(jax.devices()[0], params)
+    assert planned < sum(x.nbytes for x in jax.tree.leaves(params)) / 7
 
 
 def test_dp_replicates_the_weights():
@@ -411,3 +434,14 @@ def test_mesh_flag_parses_into_a_mesh():
 def test_constrain_is_a_no_op_without_a_mesh():
     x = jnp.ones((4, 3, 8))
     assert sh.constrain(x, ("batch", "length", "act_embed")) is x
+
+
+def test_info_command_runs_sharded(capsys):
+    from llama_jax.cli import main
+
+    assert main(["info", "tiny", "--forward", "--mesh", "data=2,fsdp=-1,tensor=2"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh data=2 fsdp=2 tensor=2 (8 devices" in out
+    assert "logits (4, 16, 256)" in out
+    assert main(["info", "tiny", "--mesh", "tensor=8"]) == 2
+    assert "n_heads=4 cannot be split over the mesh axis tensor=8" in capsys.readouterr().err
