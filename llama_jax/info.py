@@ -3,6 +3,7 @@
 llama-jax info llama3.1-8b          # shapes, parameter counts, memory, KV cache size
 llama-jax info tiny --forward       # also build it with random weights and run it
 llama-jax info tiny --forward --mesh fsdp_tp   # ... sharded over all devices
+llama-jax info llama3.1-405b --mesh fsdp=-1,tensor=8 --devices 256   # plan a pod
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from llama_jax.sharding import add_mesh_argument
 
     add_mesh_argument(p)
+    p.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="plan --mesh for N devices that need not be present: weights per device",
+    )
 
 
 def describe(cfg) -> str:
@@ -55,18 +62,26 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_preset(args.preset)
     print(describe(cfg))
     mesh = None
+    if args.devices is not None and (args.mesh is None or args.forward or args.devices < 1):
+        from llama_jax.errors import LlamaError
+
+        raise LlamaError("--devices N plans a --mesh for N (>= 1) devices; it needs --mesh "
+                         "and cannot run --forward (the devices are not there).")  # fmt: skip
     if args.mesh is not None:
         from flax import nnx
 
         from llama_jax import sharding
         from llama_jax.model import abstract_model
 
-        mesh = sharding.make_mesh(args.mesh)
+        if args.devices is None:
+            mesh = sharding.make_mesh(args.mesh)
+        else:
+            mesh = sharding.abstract_mesh(args.mesh, args.devices)
         sharding.validate(cfg, mesh)
         params = nnx.state(abstract_model(cfg), nnx.Param)
         held = sharding.bytes_per_device(params, sharding.param_shardings(params, mesh))
         size = f"{held / 2**30:.2f} GiB" if held >= 2**30 else f"{held / 2**20:.2f} MiB"
-        print(f"  {sharding.describe_mesh(mesh)}: {size} of weights per device")
+        print(f"  {sharding.describe_mesh(mesh)}: {size} of {cfg.param_dtype} weights per device")
     if args.forward:
         import jax
         import numpy as np

@@ -181,9 +181,8 @@ def resolve_mesh_shape(spec: str | dict[str, int], n_devices: int) -> dict[str, 
         sizes = {k: (n_devices // fixed if v == -1 else v) for k, v in sizes.items()}
     elif fixed != n_devices:
         raise LlamaError(
-            f"Mesh {shown} has {fixed} devices but there are {n_devices} "
-            f"(jax.device_count()). Make the sizes multiply to {n_devices}, or use -1 "
-            "for one axis to take the rest."
+            f"Mesh {shown} has {fixed} devices but there are {n_devices}. Make the sizes "
+            f"multiply to {n_devices}, or use -1 for one axis to take the rest."
         )
     return sizes
 
@@ -221,6 +220,22 @@ def make_mesh(
     )
 
 
+def abstract_mesh(spec: str | dict[str, int], n_devices: int) -> jax.sharding.AbstractMesh:
+    """A mesh of `n_devices` that need not exist: to plan shardings and memory per device.
+
+    Args:
+      spec: as for `make_mesh`.
+      n_devices: the device count to plan for (e.g. 256 for 256 accelerator chips).
+    Returns:
+      A `jax.sharding.AbstractMesh` with axes MESH_AXES; `param_shardings` and
+      `bytes_per_device` accept it.
+    """
+    sizes = resolve_mesh_shape(spec, n_devices)
+    return jax.sharding.AbstractMesh(
+        tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+    )
+
+
 def check_mesh(mesh: Mesh) -> None:
     """Raise a LlamaError unless every axis of `mesh` is one of MESH_AXES."""
     unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
@@ -238,6 +253,8 @@ def describe_mesh(mesh: Mesh | None) -> str:
         return f"no mesh: one device ({jax.devices()[0].platform})"
     sizes = " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
     kinds = sorted({str(t).split(".")[-1] for t in mesh.axis_types})
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return f"planned mesh {sizes} ({mesh.size} devices, {'/'.join(kinds)} axes)"
     return (
         f"mesh {sizes} ({mesh.size} device{'s' if mesh.size > 1 else ''}, "
         f"{jax.process_count()} process"

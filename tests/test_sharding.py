@@ -445,3 +445,16 @@ def test_info_command_runs_sharded(capsys):
     assert "logits (4, 16, 256)" in out
     assert main(["info", "tiny", "--mesh", "tensor=8"]) == 2
     assert "n_heads=4 cannot be split over the mesh axis tensor=8" in capsys.readouterr().err
+
+
+def test_info_plans_a_pod_without_its_devices(capsys):
+    from llama_jax.cli import main
+
+    # 405B in float32 over fsdp=32 x tensor=8: 405,853,388,800 * 4 bytes / 256 = 5.91 GiB.
+    argv = ["info", "llama3.1-405b", "--mesh", "fsdp=-1,tensor=8", "--devices", "256"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "planned mesh data=1 fsdp=32 tensor=8 (256 devices" in out
+    assert "5.91 GiB of float32 weights per device" in out
+    assert main(["info", "llama3.1-8b", "--mesh", "tensor=16", "--devices", "64"]) == 2
+    assert "16 devices but there are 64" in capsys.readouterr().err
