@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("llama_jax.generate", "continue a prompt (streamed), greedy or sampled"),
     "chat": ("llama_jax.chat", "an interactive chat with history in the model's chat format"),
     "train": ("llama_jax.train", "train or fine-tune on text/JSONL, sharded, resumable"),
+    "quickstart": ("llama_jax.quickstart", "train a small LLaMA on the stdlib, end to end"),
 }
 
 
