@@ -156,7 +156,7 @@ def main() -> None:
         ax.axvline(size / 4 / gib, color="C3", ls="--", label="goal: 1/4 of the checkpoint")
         ax.set_xlabel("GiB")
         ax.set_title(f"llama-jax convert, {size / gib:.2f} GiB bf16 Meta checkpoint")
-        ax.legend(loc="lower right")
+        ax.legend(loc="center right")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")

@@ -103,7 +103,9 @@ def test_hf_to_llama_jax_logits_match_transformers(variant, gqa_hf, tmp_path):
             "original_max_position_embeddings": s.original_max_seq_len,
         }  # fmt: skip
         (src / "config.json").write_text(json.dumps(c))
+    (src / "tokenizer.model").write_bytes(b"tokenizer bytes")
     assert main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+    assert (tmp_path / "ckpt" / "tokenizer.model").read_bytes() == b"tokenizer bytes"
     cfg = load_config(tmp_path / "ckpt")
     assert (cfg.n_kv_heads, cfg.rope_scaling, cfg.param_dtype) == (2, GQA.rope_scaling, "float32")
     assert rel_err(logits(load(tmp_path / "ckpt")), hf_logits(gqa_hf, TOKENS)) < 1e-5

@@ -54,7 +54,8 @@ def convert(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    src = os.path.expanduser(os.fspath(src))
+    dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
     if dtype is not None and dtype not in _DTYPES:
         raise LlamaError(f"--dtype {dtype!r}: expected one of {_DTYPES}.")
     if os.path.exists(dst) and not force:

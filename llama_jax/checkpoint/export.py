@@ -73,9 +73,9 @@ def export(
     t0 = time.perf_counter()
     if to not in ("hf", "meta"):
         raise LlamaError(f"--to {to!r}: expected 'hf' or 'meta'.")
-    src = os.path.abspath(os.fspath(src_ckpt))
+    src = os.path.abspath(os.path.expanduser(os.fspath(src_ckpt)))
     cfg = store.load_config(src)
-    out = os.path.abspath(os.fspath(out_dir))
+    out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     names = layout.meta_names(cfg)
     totals = {"parameters": 0, "bytes": 0}
 

@@ -72,7 +72,7 @@ def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
       The temporary directory's path. On any exception (Ctrl-C included) it is deleted
       and `dst` is left as it was.
     """
-    dst = os.path.abspath(os.fspath(dst))
+    dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
     if os.path.exists(dst) and not force:
         raise LlamaError(f"{dst} already exists; choose another destination or pass --force.")
     parent = os.path.dirname(dst)
@@ -147,6 +147,8 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
       The absolute path written.
     """
     cfg = model.cfg
+    if tokenizer is not None:
+        tokenizer = os.path.expanduser(os.fspath(tokenizer))
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise LlamaError(f"tokenizer {tokenizer}: no such file.")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -158,7 +160,11 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
         for i in range(cfg.n_layers):
             write_group(tmp, layer_dir(i), jax.tree.map(lambda a, i=i: a[i], params["layers"]))
         write_config(tmp, cfg, tokenizer)
-    return os.path.abspath(os.fspath(path))
+    return _abs(path)
+
+
+def _abs(path) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 # Reading ------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     Returns:
       The config, with the dtypes the weights were stored in.
     """
-    return LlamaConfig.from_dict(_read_meta(os.path.abspath(os.fspath(path)))["config"])
+    return LlamaConfig.from_dict(_read_meta(_abs(path))["config"])
 
 
 def read_group(root: str, sub: str, targets: dict) -> dict:
@@ -288,7 +294,7 @@ def load(path: str | os.PathLike, mesh=None, dtype: str | None = None, *, remat:
     from llama_jax.model import Transformer
     from llama_jax.sharding import param_shardings
 
-    path = os.path.abspath(os.fspath(path))
+    path = _abs(path)
     cfg = load_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
