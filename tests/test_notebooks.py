@@ -78,7 +78,7 @@ def has_image(cell) -> bool:
 
 
 # One notebook per topic of the teaching set.
-TOPICS = ["01_architecture", "02_weights", "03_sharding", "04_generation"]
+TOPICS = ["01_architecture", "02_weights", "03_sharding", "04_generation", "05_finetuning"]
 
 
 def test_notebooks_exist():
