@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
+        if hasattr(args, "coordinator"):
+            # A command with the multi-host flags (sharding.add_mesh_argument):
+            # jax.distributed must start before the command touches JAX.
+            from llama_jax.sharding import initialize_from_args
+
+            initialize_from_args(args)
         return importlib.import_module(args._module).run(args) or 0
     except LlamaError as e:
         print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)

@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
         for name, cfg in PRESETS.items():
             print(f"{name:16s} {cfg.num_params() / 1e9:9.3f}B")
         return 0
+    from llama_jax.sharding import print0
+
     cfg = get_preset(args.preset)
-    print(describe(cfg))
+    print0(describe(cfg))
     mesh = None
     if args.devices is not None and (args.mesh is None or args.forward or args.devices < 1):
         from llama_jax.errors import LlamaError
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         params = nnx.state(abstract_model(cfg), nnx.Param)
         held = sharding.bytes_per_device(params, sharding.param_shardings(params, mesh))
         size = f"{held / 2**30:.2f} GiB" if held >= 2**30 else f"{held / 2**20:.2f} MiB"
-        print(f"  {sharding.describe_mesh(mesh)}: {size} of {cfg.param_dtype} weights per device")
+        print0(f"  {sharding.describe_mesh(mesh)}: {size} of {cfg.param_dtype} weights per device")
     if args.forward:
         import jax
         import numpy as np
@@ -95,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
         forward = jit_forward(model, mesh)
         t0 = time.perf_counter()
         logits = jax.block_until_ready(forward(tokens))
-        print(f"  forward on random weights: logits {logits.shape} {logits.dtype}, "
+        print0(f"  forward on random weights: logits {logits.shape} {logits.dtype}, "
               f"compiled and ran in {time.perf_counter() - t0:.2f}s")  # fmt: skip
     return 0

@@ -50,8 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(out: Path, timeout: float = 150.0) -> None:
-    """Start the worker processes, wait for all, kill every one on failure or timeout."""
+def run_processes(argv_of, timeout: float = 150.0) -> list[str]:
+    """Start PROCESSES copies of a program, wait for all, kill every one on failure.
+
+    Args:
+      argv_of: maps (process id, coordinator port) to that process's command line.
+      timeout: seconds before the survivors are killed.
+    Returns:
+      Each process's output; asserts that every one exited 0.
+    """
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_EACH}",
@@ -61,14 +68,7 @@ def run_workers(out: Path, timeout: float = 150.0) -> None:
     port = free_port()
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "tests" / "multihost_worker.py"),
-                str(i),
-                str(PROCESSES),
-                str(port),
-                str(out),
-            ],
+            argv_of(i, port),
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -93,13 +93,17 @@ def run_workers(out: Path, timeout: float = 150.0) -> None:
     report = "\n".join(f"--- process {i} (exit {c})\n{log[-3000:]}" for i, (c, log) in
                        enumerate(zip(codes, logs, strict=True)))  # fmt: skip
     assert codes == [0] * PROCESSES, report
-    # Only process 0 prints.
-    assert "forward on mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes" in logs[0], report
-    assert "forward on" not in logs[1], report
+    return logs
 
 
 def test_two_processes_match_one(tmp_path):
-    run_workers(tmp_path)
+    worker = str(ROOT / "tests" / "multihost_worker.py")
+    logs = run_processes(
+        lambda i, port: [sys.executable, worker, str(i), str(PROCESSES), str(port), str(tmp_path)]
+    )
+    # Only process 0 prints.
+    assert "forward on mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes" in logs[0], logs
+    assert "forward on" not in logs[1], logs
 
     tokens, mask = batch()
     model = lj.abstract_model(CFG)
@@ -112,3 +116,17 @@ def test_two_processes_match_one(tmp_path):
         assert got.shape == want.shape
         err = np.max(np.abs(got - want)) / np.max(np.abs(want))
         assert err < 1e-5, (name, err)
+
+
+def test_cli_launch_on_two_processes():
+    # The documented launch path for GPU/CPU hosts: the same command on every host, with
+    # the coordinator and process flags; the mesh spans both processes' devices, and
+    # only process 0 prints. (The sharded forward across processes is the test above.)
+    def argv(i, port):
+        return [sys.executable, "-m", "llama_jax.cli", "info", "tiny",
+                "--mesh", "fsdp=-1,tensor=2", "--coordinator", f"127.0.0.1:{port}",
+                "--num-processes", str(PROCESSES), "--process-id", str(i)]  # fmt: skip
+
+    logs = run_processes(argv)
+    assert "mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes" in logs[0], logs
+    assert "tiny:" not in logs[1] and "mesh" not in logs[1], logs
