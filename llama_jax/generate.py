@@ -122,7 +122,7 @@ def _prefill(graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_le
         # logits and the output projection with them.
         _, cache = model(tokens[:, :-1], positions[:, :-1], mask[:, :-1], cache)
     logits, cache = model(tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
-    first = sample(logits[:, 0], jax.random.fold_in(key, 0), **sampling)
+    first = sample(_whole_vocab(logits[:, 0]), jax.random.fold_in(key, 0), **sampling)
     ds = DecodeState(
         cache=cache,
         token=first,
@@ -135,10 +135,21 @@ def _prefill(graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_le
     return _finish(ds, first, stop_ids, pad_id)
 
 
+def _whole_vocab(logits: jax.Array) -> jax.Array:
+    """[B, V] logits whole on every device: sampling sorts whole rows, and the decode
+    state it feeds (a few ints per row) is kept replicated.
+
+    Only Explicit-axes meshes need this said; under Auto axes XLA gathers by itself.
+    """
+    if sharding.explicit_mesh(logits) is None:
+        return logits
+    return jax.sharding.reshard(logits, jax.sharding.PartitionSpec())
+
+
 def _step(model, ds: DecodeState, stop_ids, sampling, key, pad_id) -> DecodeState:
     """One decode step: feed each row's latest token, sample the next."""
     logits, cache = model(ds.token[:, None], ds.position[:, None], None, ds.cache)
-    new = sample(logits[:, 0], jax.random.fold_in(key, ds.step), **sampling)
+    new = sample(_whole_vocab(logits[:, 0]), jax.random.fold_in(key, ds.step), **sampling)
     ds = dataclasses.replace(ds, cache=cache, position=ds.position + 1)
     return _finish(ds, new, stop_ids, pad_id)
 

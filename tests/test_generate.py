@@ -185,17 +185,20 @@ def test_same_seed_same_tokens_and_temperature_zero_is_greedy(hf_and_ours):
     assert a != greedy
 
 
-def test_sharded_decode_matches_one_device(hf_and_ours):
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_sharded_decode_matches_one_device(hf_and_ours, axis_types):
     from llama_jax.sharding import make_mesh, shard_model
 
     _, model = hf_and_ours
-    want = generate(model, PROMPTS + PROMPTS[:1], 10)
-    # Tensor parallel over 4 devices (one query head, half a KV head group each), rows
-    # over 2; 4 rows so the batch divides.
-    sharded = shard_model(nnx.clone(model), make_mesh("data=2,fsdp=1,tensor=4"))
+    prompts = PROMPTS + PROMPTS[:1]  # 4 rows, so the batch divides over data=2
+    want = generate(model, prompts, 10)
+    # Tensor parallel over 4 devices (one query head each, the 2 KV heads split or
+    # replicated as the rules decide), rows over 2.
+    mesh = make_mesh("data=2,fsdp=1,tensor=4", axis_types=axis_types)
+    sharded = shard_model(nnx.clone(model), mesh)
     wq = sharded.layers.attention.wq[...]
     assert len(wq.sharding.device_set) == 8 and wq.addressable_shards[0].data.shape[2] == 1
-    assert generate(sharded, PROMPTS + PROMPTS[:1], 10) == want
+    assert generate(sharded, prompts, 10) == want
 
 
 # -- text level ---------------------------------------------------------------------------------
