@@ -61,9 +61,35 @@ def layer_dir(layer: int) -> str:
 # Atomic directories -------------------------------------------------------------------
 
 
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (multi-host); nothing on one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"llama_jax.checkpoint.{name}")
+
+
+def _shared_tag() -> str:
+    """A random tag, the same on every process (process 0's)."""
+    tag = uuid.uuid4().int % 2**31
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tag = int(multihost_utils.broadcast_one_to_all(np.int32(tag)))
+    return f"{tag:08x}"
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[str]:
     """Yield a temporary sibling of `dst` to fill; rename it to `dst` on success.
+
+    On a multi-host run every process must enter it (as with Orbax saves): process 0
+    creates and renames the directory, the others wait at barriers, and all of them
+    write into the same temporary directory in between.
 
     Args:
       dst: the directory to create.
@@ -78,20 +104,26 @@ def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
         raise LlamaError(f"{parent}: the destination's parent directory does not exist.")
-    tag = uuid.uuid4().hex[:8]
+    tag = _shared_tag()
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{tag}")
-    os.makedirs(tmp)
+    if _primary():
+        os.makedirs(tmp)
+    _sync(f"created-{tag}")
     try:
         yield tmp
-        if os.path.exists(dst):
-            old = os.path.join(parent, f".{os.path.basename(dst)}.old-{tag}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        _sync(f"written-{tag}")
+        if _primary():
+            if os.path.exists(dst):
+                old = os.path.join(parent, f".{os.path.basename(dst)}.old-{tag}")
+                os.rename(dst, old)
+                os.rename(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dst)
+        _sync(f"renamed-{tag}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _primary():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -117,6 +149,8 @@ def write_group(root: str, sub: str, tree: dict) -> None:
 
 def write_config(root: str, cfg: LlamaConfig, tokenizer: str | None = None, **extra) -> None:
     """Record the config (and copy the tokenizer file) into a checkpoint being written."""
+    if not _primary():
+        return
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), **extra}
     with open(os.path.join(root, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2)

@@ -1,0 +1,78 @@
+"""`checkpoint.save` and `load` on two processes (4 CPU devices each, one mesh of 8).
+
+Both processes load a checkpoint onto the global mesh, save it with `save` (one
+directory, written by both, renamed by process 0), and load it again onto another mesh;
+this process then checks the result bit for bit and the logits.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import llama_jax as lj
+from llama_jax.checkpoint import save
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128,
+                     max_seq_len=64)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two(argv_of, timeout: float = 150.0) -> list[str]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    port = free_port()
+    procs = [subprocess.Popen(argv_of(i, port), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        logs = [p.communicate()[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0], "\n".join(f"--- process {i}\n{log[-3000:]}" for i, log in
+                                      enumerate(logs))  # fmt: skip
+    return logs
+
+
+def params_of(model) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat[0]}
+
+
+def test_save_and_load_across_two_processes(tmp_path):
+    model = lj.build_model(CFG, seed=7)
+    save(model, tmp_path / "in")
+    worker = str(ROOT / "tests" / "checkpoint_multihost_worker.py")
+    out = str(tmp_path / "out")
+    logs = run_two(lambda i, port: [sys.executable, worker, str(i), "2", str(port),
+                                    str(tmp_path / "in"), out])  # fmt: skip
+    assert "saved and reloaded across 2 processes" in logs[0], logs
+    assert sorted(os.listdir(tmp_path)) == ["in", "out", "out.logits.npy"]  # no temp dirs
+    again = lj.load(out)
+    want, got = params_of(model), params_of(again)
+    assert want.keys() == got.keys()
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % CFG.vocab_size
+    ref = np.asarray(model(jnp.asarray(tokens)))
+    logits = np.load(out + ".logits.npy")
+    assert np.max(np.abs(logits - ref)) / np.max(np.abs(ref)) < 1e-5
