@@ -23,6 +23,15 @@ from llama_jax.errors import LlamaError
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def _np_dtype(name: str) -> np.dtype:
     import ml_dtypes
 
@@ -112,8 +121,8 @@ def convert(
     if progress:
         print(
             f"converted {reader.kind} -> {dst}: {summary['parameters']:,} parameters, "
-            f"{cfg.param_dtype}, {summary['bytes'] / 2**30:.2f} GiB in {seconds:.1f} s "
-            f"({summary['bytes'] / 2**20 / max(seconds, 1e-9):.0f} MiB/s)"
+            f"{cfg.param_dtype}, {human_bytes(summary['bytes'])} in {seconds:.1f} s "
+            f"({human_bytes(summary['bytes'] / max(seconds, 1e-9))}/s)"
         )
     return summary
 

@@ -70,6 +70,8 @@ def export(
     """
     from tqdm.auto import tqdm
 
+    from llama_jax.checkpoint.convert import human_bytes
+
     t0 = time.perf_counter()
     if to not in ("hf", "meta"):
         raise LlamaError(f"--to {to!r}: expected 'hf' or 'meta'.")
@@ -107,7 +109,7 @@ def export(
     if progress:
         print(
             f"exported {to} -> {out}: {summary['parameters']:,} parameters, {cfg.param_dtype}, "
-            f"{summary['bytes'] / 2**30:.2f} GiB in {seconds:.1f} s"
+            f"{human_bytes(summary['bytes'])} in {seconds:.1f} s"
         )
     return summary
 
