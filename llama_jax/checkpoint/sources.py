@@ -125,6 +125,8 @@ class MetaSource(Source):
             cfg = LlamaConfig.from_meta_params(params)
         except KeyError as e:
             raise LlamaError(f"{params_path}: missing field {e}.") from None
+        except LlamaError as e:
+            raise LlamaError(f"{params_path}: {e}") from None
         paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
         if not paths:
             raise LlamaError(f"{src}: params.json but no consolidated.NN.pth weight files.")
@@ -199,6 +201,13 @@ class MetaSource(Source):
             axis = None
         kept = pieces[::dup]
         shape = list(kept[0].shape)
+        for p in kept[1:]:
+            other = [d for i, d in enumerate(p.shape) if i != axis]
+            if len(p.shape) != len(shape) or other != [d for i, d in enumerate(shape) if i != axis]:
+                raise LlamaError(
+                    f"{p.path}: tensor {name!r} has shape {p.shape}, which does not fit "
+                    f"{kept[0].path}'s {kept[0].shape}; the shards are from different models."
+                )
         if axis is not None:
             shape[axis] = sum(p.shape[axis] for p in kept)
         want = layout.meta_shape(name, cfg)
