@@ -155,6 +155,17 @@ class Transformer(nnx.Module):
         h = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dt)  # [B, T, D]
         h = constrain(h, ("batch", "length", "act_embed"))
 
+        caches = (None, None) if cache is None else (cache.k, cache.v)
+        if isinstance(self.layers, nnx.List):  # separate blocks: see unstack_layers
+            k_cache, v_cache = caches
+            for layer, block in enumerate(self.layers):
+                index = jnp.asarray(layer, jnp.int32)
+                kv = None if cache is None else (k_cache, v_cache, index, start)
+                h, kv = block(h, positions, inv_freq, mask, kv)
+                if kv is not None:
+                    k_cache, v_cache = kv
+            return self._finish(h, cache, k_cache, v_cache, key_valid, start, T)
+
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, xs):
@@ -170,13 +181,18 @@ class Transformer(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        caches = (None, None) if cache is None else (cache.k, cache.v)
         layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         (h, k_cache, v_cache), _ = jax.lax.scan(body, (h, *caches), (layer_state, layer_ids))
+        return self._finish(h, cache, k_cache, v_cache, key_valid, start, T)
 
+    def _finish(self, h, cache, k_cache, v_cache, key_valid, start, T):
+        """Final norm and output projection; the updated cache when there is one."""
         h = self.norm(h)
         logits = jnp.einsum(
-            "BTD,DV->BTV", h, self.output_matrix().astype(dt), preferred_element_type=jnp.float32
+            "BTD,DV->BTV",
+            h,
+            self.output_matrix().astype(dtype_of(self.cfg.dtype)),
+            preferred_element_type=jnp.float32,
         )
         logits = constrain(logits, ("batch", "length", "act_vocab"))
         if cache is None:
@@ -216,6 +232,36 @@ def abstract_model(cfg: LlamaConfig) -> Transformer:
     Use it to count parameters or plan shardings of models too big for this machine.
     """
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def unstack_layers(model: Transformer) -> Transformer:
+    """The same model with its L blocks as L separate modules, each with its own arrays.
+
+    For inference. A layer scan slices each layer's weights out of the stacked [L, ...]
+    arrays on every call, and XLA copies the slices (on CPU the copies cost more than the
+    matrix-vector products of a decode step); separate arrays are read in place. The price
+    is compile time growing with depth, and parameter paths that carry a layer number
+    (`layers/3/attention/wq`), so checkpoints, `set_params` and the sharding table keep
+    working on the stacked model. Outputs are the same as the stacked model's.
+
+    Args:
+      model: a Transformer with stacked layers (as built or loaded).
+    Returns:
+      A new Transformer sharing every array but the per-layer ones, which are copied out
+      of the stacks once (drop `model` to free the stacked copies).
+    """
+    if isinstance(model.layers, nnx.List):
+        return model
+    graphdef, state = nnx.split(model)
+    new = nnx.merge(graphdef, state)  # shares the arrays
+    block_def, block_state = nnx.split(model.layers)
+    new.layers = nnx.List(
+        [
+            nnx.merge(block_def, jax.tree.map(lambda x, i=i: x[i], block_state))
+            for i in range(model.cfg.n_layers)
+        ]
+    )
+    return new
 
 
 def count_params(model: nnx.Module) -> int:

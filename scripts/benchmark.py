@@ -52,7 +52,7 @@ from flax import nnx  # noqa: E402
 
 from llama_jax.attention import KVCache  # noqa: E402
 from llama_jax.config import LlamaConfig, get_preset  # noqa: E402
-from llama_jax.model import build_model, set_params  # noqa: E402
+from llama_jax.model import build_model, set_params, unstack_layers  # noqa: E402
 
 SECTIONS = ("roofline", "prefill", "decode", "bf16", "train", "convert")
 
@@ -323,12 +323,13 @@ def measure_decode(res, cfg, hf, ours, batches, prompt, steps, repeats, peaks, t
                 note=note + roof)  # fmt: skip
 
 
-def measure_bf16(res, cfg, prompt, steps, repeats, peaks, threads, f32_rate=None):
+def measure_bf16(res, cfg, prompt, steps, repeats, peaks, threads, f32_rate=None, unstack=True):
     """Batch-1 decode with bfloat16 parameters and activations, both frameworks."""
     import torch
 
     cfg16 = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
     hf, ours = torch_peer(cfg16, threads)
+    ours = unstack_layers(ours) if unstack else ours
     hf = hf.to(torch.bfloat16)
     t_j, t_t, comp, _ = time_decode_pair(cfg16, hf, ours, 1, prompt, steps, repeats)
     res.add("bf16", "decode batch 1 bf16", 1 / t_j, 1 / t_t, "tokens/s")
@@ -563,6 +564,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--plot", default=None, help="write a bar chart of the ratios (PNG)")
+    p.add_argument("--layers", choices=("unstacked", "stacked"), default="unstacked",
+                   help="inference on model.unstack_layers (default) or the scan")  # fmt: skip
     p.add_argument("--gpu", action="store_true", help="run the accelerator suite instead")
     p.add_argument("--gpu-preset", default="llama3.2-1b")
     p.add_argument("--out", default=None, help="GPU mode: folder for gpu_results.json")
@@ -619,6 +622,7 @@ def main(argv=None) -> int:
         jax=jax.__version__, torch=torch.__version__, device=jax.devices()[0].device_kind,
         machine=platform.processor() or platform.machine(),
         xla_flags=os.environ.get("XLA_FLAGS", ""), torch_threads=args.threads,
+        load_average_at_start=os.getloadavg()[0], layers=args.layers,
         title=f"{cfg.name} on {os.cpu_count()} CPU cores",
     )  # fmt: skip
     print(json.dumps(res.info))
@@ -634,17 +638,25 @@ def main(argv=None) -> int:
         print("WARNING: the two models disagree; the comparison is not like for like.")
     prompt, steps = (16, 4) if quick else (64, 16)
     f32_rate = None
+    # Inference runs on separate per-layer arrays (model.unstack_layers); training, which
+    # needs the scan for memory and compile time, on the stacked model.
+    unstack = args.layers == "unstacked"
+    infer = unstack_layers(ours) if unstack else ours
     if "prefill" in sections:
         with section("prefill", res):
-            measure_prefill(res, cfg, hf, ours, 1, 32 if quick else 128, rep, peaks)
+            measure_prefill(res, cfg, hf, infer, 1, 32 if quick else 128, rep, peaks)
     if "decode" in sections:
         with section("decode", res):
-            measure_decode(res, cfg, hf, ours, (1, 8) if quick else (1, 8, 32), prompt, steps,
+            measure_decode(res, cfg, hf, infer, (1, 8) if quick else (1, 8, 32), prompt, steps,
                            rep, peaks)  # fmt: skip
             f32_rate = next(r["ours"] for r in res.rows if r["figure"] == "decode batch 1")
+            # The other layer layout at batch 1, to show what unstacking buys.
+            other = ours if unstack else unstack_layers(ours)
+            tag = " (layer scan)" if unstack else " (unstacked)"
+            measure_decode(res, cfg, hf, other, (1,), prompt, steps, rep, peaks, tag=tag)
     if "bf16" in sections:
         with section("bf16", res):
-            measure_bf16(res, cfg, prompt, steps, rep, peaks, args.threads, f32_rate)
+            measure_bf16(res, cfg, prompt, steps, rep, peaks, args.threads, f32_rate, unstack)
     if "train" in sections:
         with section("train", res):
             measure_train(res, cfg, hf, ours, 2 if quick else 4, 32 if quick else 128, rep, peaks)
@@ -652,6 +664,7 @@ def main(argv=None) -> int:
         with section("convert", res):
             measure_convert(res, hf, 1 if quick else 3)
     res.info["seconds"] = time.perf_counter() - t_start
+    res.info["load_average_at_end"] = os.getloadavg()[0]
     res.save()
     print(f"\n{res.info['title']}, {res.info['date']} ({res.info['seconds']:.0f}s)\n")
     print(res.table())
