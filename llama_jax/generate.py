@@ -330,8 +330,9 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
     for i, r in enumerate(rows):
         tokens[i, P - len(r) :] = r
         mask[i, P - len(r) :] = True
+    # Inputs stay numpy: jit treats them as replicated, on one host or on every host.
     stop_table = _stop_table(stop_ids, B)
-    stops = jnp.asarray(stop_table)
+    stops = stop_table
     # After the prefill the cache holds P slots; each further token needs one more slot,
     # except the last one sampled, which is never fed back.
     n_tokens = min(max_new_tokens, cache_len - P + 1)
@@ -344,8 +345,8 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
     arrays = sampling.arrays()
     key = jax.random.key(sampling.seed)
     with sharding.use_mesh(mesh):
-        ds = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), stops, arrays,
-                      key, cache_len=cache_len, pad_id=pad_id)  # fmt: skip
+        ds = _prefill(graphdef, state, tokens, mask, stops, arrays, key, cache_len=cache_len,
+                      pad_id=pad_id)  # fmt: skip
 
     result = GenerationStream(iter(()), [[] for _ in range(B)], [None] * B, np.zeros(B, bool))
 
@@ -363,7 +364,7 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
     def run_loop():
         nonlocal ds
         with sharding.use_mesh(mesh):
-            ds = _decode_loop(graphdef, state, ds, stops, arrays, key, jnp.int32(n_tokens),
+            ds = _decode_loop(graphdef, state, ds, stops, arrays, key, np.int32(n_tokens),
                               pad_id=pad_id)  # fmt: skip
         out, stopped, step = jax.device_get((ds.out, ds.stopped, ds.step))
         finish(out, stopped, int(step))
