@@ -189,3 +189,13 @@ def test_export_errors(sources, tmp_path, capsys):
     capsys.readouterr()
     fails(tmp_path, capsys, "export", tmp_path / "ck", "--to", "meta",
           match="00001: missing; the checkpoint is incomplete")  # fmt: skip
+
+
+def test_load_refuses_arrays_that_disagree_with_the_recorded_config(sources, tmp_path):
+    convert(sources / "hf", tmp_path / "ck", progress=False)
+    meta_file = tmp_path / "ck" / store.CONFIG_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["ffn_dim"] = 128
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(lj.LlamaError, match=r"'w1'\] has shape \(64, 96\) on disk"):
+        lj.load(tmp_path / "ck")

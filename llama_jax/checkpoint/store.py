@@ -26,6 +26,7 @@ replaced only with `force=True`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -261,6 +262,21 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
         return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=dtype)
 
     is_leaf = lambda x: isinstance(x, tuple)
+    # Orbax pads or truncates to the requested global shape, so check the stored shapes
+    # against the config first.
+    try:
+        stored = _checkpointer().metadata(where).item_metadata.tree
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise LlamaError(f"{where}: cannot read its metadata ({e}).") from None
+    flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    for key, t in jax.tree_util.tree_flatten_with_path(targets, is_leaf=is_leaf)[0]:
+        got = flat_stored.get(key)
+        if got is None or tuple(got.shape) != tuple(t[0]):
+            raise LlamaError(
+                f"{where}: array {jax.tree_util.keystr(key)} has shape "
+                f"{None if got is None else tuple(got.shape)} on disk but the recorded config "
+                f"needs {tuple(t[0])}; the checkpoint is inconsistent with {CONFIG_FILE}."
+            )
     restore_args = jax.tree.map(args, targets, is_leaf=is_leaf)
     item = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t[0], t[1]), targets, is_leaf=is_leaf)
     try:
@@ -269,14 +285,6 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
         )
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise LlamaError(f"{where}: cannot restore ({e}).") from None
-    flat_out = dict(jax.tree_util.tree_flatten_with_path(out)[0])
-    for key, t in jax.tree_util.tree_flatten_with_path(targets, is_leaf=is_leaf)[0]:
-        got = flat_out.get(key)
-        if got is None or tuple(got.shape) != tuple(t[0]):
-            raise LlamaError(
-                f"{where}: {jax.tree_util.keystr(key)} has shape "
-                f"{None if got is None else tuple(got.shape)}, the config needs {tuple(t[0])}."
-            )
     return out
 
 
@@ -301,6 +309,7 @@ def read_top_host(path: str, cfg: LlamaConfig, name: tuple[str, ...]) -> np.ndar
     return out[name[0]] if len(name) == 1 else out[name[0]][name[1]]
 
 
+@functools.lru_cache(maxsize=4)
 def _abstract_params(cfg: LlamaConfig, remat: str = "none") -> dict:
     from llama_jax.model import Transformer
 
