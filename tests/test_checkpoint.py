@@ -137,6 +137,12 @@ def test_tied_llama32_meta_with_or_without_output_weight(with_output, tmp_path):
     model = load(tmp_path / "ckpt")
     assert model.cfg.tie_word_embeddings and not hasattr(model, "output")
     assert rel_err(logits(model), hf_logits(hf, TOKENS)) < 1e-5
+    if with_output:  # and back out: transformers ties lm_head to the embedding again
+        export(tmp_path / "ckpt", tmp_path / "hf", to="hf", progress=False)
+        back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+        back.config._attn_implementation = "eager"
+        assert back.config.tie_word_embeddings
+        assert rel_err(hf_logits(back, TOKENS), hf_logits(hf, TOKENS)) < 1e-6
 
 
 def test_export_hf_loads_in_transformers_with_same_logits(gqa_hf, gqa_ckpt, tmp_path):
