@@ -78,6 +78,10 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("output",): ("embed", "vocab"),
 }
 
+# Parameter axes that must divide over their mesh axis (the config field that sets them);
+# a mesh that cannot split them is refused rather than silently left replicated.
+MUST_SPLIT = {"heads": "n_heads", "mlp": "ffn_hidden_dim", "embed": "dim"}
+
 # Logical axes of the KV cache's fields (attention.KVCache) and of a batch of tokens.
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
     "k": ("layers", "batch", "length", "act_kv_heads", None),
@@ -236,8 +240,27 @@ def abstract_mesh(spec: str | dict[str, int], n_devices: int) -> jax.sharding.Ab
     )
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axes with every axis Auto.
+
+    For code that owns its arrays from creation to the end (a training loop creating its
+    own parameters), this sidesteps Explicit-axes typing rules in every op it runs, e.g. a
+    cross-entropy gathering target logits from a vocabulary split over `tensor`.
+
+    Args:
+      mesh: a Mesh, of any axis types.
+    Returns:
+      A Mesh over the same device grid with AxisType.Auto axes.
+    """
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def check_mesh(mesh: Mesh) -> None:
-    """Raise a LlamaError unless every axis of `mesh` is one of MESH_AXES."""
+    """Raise a LlamaError unless every axis of `mesh` is one of MESH_AXES.
+
+    Args:
+      mesh: a Mesh or AbstractMesh.
+    """
     unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
     if unknown:
         raise LlamaError(
@@ -248,7 +271,13 @@ def check_mesh(mesh: Mesh) -> None:
 
 
 def describe_mesh(mesh: Mesh | None) -> str:
-    """One line such as 'mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes, Auto)'."""
+    """One line such as 'mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes, Auto axes)'.
+
+    Args:
+      mesh: a Mesh, an AbstractMesh (a planned mesh), or None (one device).
+    Returns:
+      The description, for logs and the CLI.
+    """
     if mesh is None:
         return f"no mesh: one device ({jax.devices()[0].platform})"
     sizes = " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
@@ -327,7 +356,13 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None):
-    """Make `mesh` the context mesh (so `constrain` takes effect); a no-op for None."""
+    """Make `mesh` the context mesh (so `constrain` takes effect); a no-op for None.
+
+    Args:
+      mesh: the mesh to enter (`jax.set_mesh`), or None.
+    Yields:
+      The mesh.
+    """
     if mesh is None:
         yield None
         return
@@ -380,7 +415,15 @@ def logical_to_spec(
 def logical_sharding(
     mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None
 ) -> NamedSharding:
-    """The NamedSharding of an array with these logical axes (and shape) on `mesh`."""
+    """The NamedSharding of an array with these logical axes on `mesh`.
+
+    Args:
+      mesh: the mesh.
+      axes: one logical name (or None) per dimension.
+      shape: the array's shape, so that axes that do not divide a dimension are skipped.
+    Returns:
+      NamedSharding(mesh, logical_to_spec(axes, shape, mesh)).
+    """
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
 
@@ -426,15 +469,35 @@ def param_shardings(state, mesh: Mesh):
       in/out_shardings for that state, or with jax.device_put.
     """
 
+    check_mesh(mesh)
+
     def one(path, leaf):
-        spec = logical_to_spec(param_axes(_param_path(path)), leaf.shape, mesh)
-        return NamedSharding(mesh, spec)
+        names = _param_path(path)
+        axes = param_axes(names)
+        for axis, size in zip(axes, leaf.shape, strict=True):
+            # These must split (see `validate`); kv_heads and vocab may stay whole.
+            field = MUST_SPLIT.get(axis)
+            mesh_axis = RULES[axis] if field else None
+            if field and mesh.shape.get(mesh_axis, 1) > 1 and size % mesh.shape[mesh_axis]:
+                raise LlamaError(
+                    f"Parameter {'/'.join(names)}: its {axis} dimension ({field}={size}) "
+                    f"cannot be split over the mesh axis {mesh_axis}={mesh.shape[mesh_axis]}. "
+                    f"Choose a {mesh_axis} size that divides {size}."
+                )
+        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, state)
 
 
 def cache_shardings(cache, mesh: Mesh):
-    """NamedShardings for a KVCache (real or abstract), in its own structure."""
+    """NamedShardings for a KVCache, by CACHE_AXES.
+
+    Args:
+      cache: a KVCache of arrays or ShapeDtypeStructs.
+      mesh: the mesh.
+    Returns:
+      A KVCache holding a NamedSharding per field (a jit's in/out_shardings for it).
+    """
     return type(cache)(
         **{
             name: logical_sharding(mesh, axes, getattr(cache, name).shape)
@@ -446,8 +509,14 @@ def cache_shardings(cache, mesh: Mesh):
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """The sharding of a [B, T] (or [B, ...]) batch: rows split over data and fsdp.
 
-    Raises a LlamaError when B does not divide over data * fsdp (uneven batches would
-    silently fall back to replication, leaving devices idle).
+    Args:
+      mesh: the mesh.
+      shape: the global batch shape.
+    Returns:
+      The NamedSharding.
+    Raises:
+      LlamaError when B does not divide over data x fsdp (an uneven batch would silently
+      fall back to replication, leaving devices idle).
     """
     rows = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     if shape[0] % rows:
@@ -476,7 +545,13 @@ def bytes_per_device(tree, shardings) -> int:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """A sharding that puts a full copy on every device (scalars, RNG keys, ...)."""
+    """A sharding that puts a full copy on every device (scalars, RNG keys, ...).
+
+    Args:
+      mesh: the mesh.
+    Returns:
+      NamedSharding(mesh, PartitionSpec()).
+    """
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -689,7 +764,14 @@ def auto_axes_call(fn: Callable, args: tuple, mesh, out_shardings):
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Pin an activation's sharding by logical axes when a mesh is in context; else a no-op."""
+    """Pin an activation's sharding by logical axes when a mesh is in context; else a no-op.
+
+    Args:
+      x: the activation.
+      axes: one logical name (or None) per dimension, e.g. ("batch", "length", "act_embed").
+    Returns:
+      x, with a sharding constraint under a context mesh.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
@@ -743,6 +825,10 @@ def is_main_process() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """`print`, on process 0 only (every host runs the same program)."""
+    """`print`, on process 0 only (every host runs the same program).
+
+    Args:
+      *args, **kwargs: as for print.
+    """
     if is_main_process():
         print(*args, **kwargs)
