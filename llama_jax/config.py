@@ -187,7 +187,10 @@ class LlamaConfig:
 
         `n_kv_heads` absent means plain MHA; `vocab_size` of -1 (Llama 1/2 files) means
         32000; `use_scaled_rope` turns on Llama 3.1 scaling, with factor 32 for the 3.2
-        models with tied embeddings (their files do not say it) and 8 otherwise.
+        models with tied embeddings (their files do not say it) and 8 otherwise. Meta's
+        files do not record the context length either: it is taken from the release the
+        file belongs to (2048 for Llama 1's norm_eps 1e-6, 4096 for Llama 2, 8192 for
+        Llama 3's 128256-token vocabulary, 131072 with scaled rope).
         """
         p = dict(params)
         vocab = p.get("vocab_size", -1)
@@ -214,6 +217,12 @@ class LlamaConfig:
         )  # fmt: skip
         if "max_seq_len" in p:
             kw["max_seq_len"] = p["max_seq_len"]
+        elif scaling is not None:
+            kw["max_seq_len"] = 131072
+        elif kw["vocab_size"] == 128256:
+            kw["max_seq_len"] = 8192
+        elif kw["norm_eps"] == 1e-6:
+            kw["max_seq_len"] = 2048
         if scaling is not None and scaling.factor == 32.0:
             kw["tie_word_embeddings"] = True
         kw.update(overrides)

@@ -85,7 +85,18 @@ def test_config_round_trips_through_json_and_checkpoint_formats():
          "rope_theta": 500000.0, "use_scaled_rope": True}
     )  # fmt: skip
     assert meta.num_params() == PUBLISHED["llama3.2-1b"]
-    assert meta.rope_scaling.factor == 32.0
+    assert meta.rope_scaling.factor == 32.0 and meta.tie_word_embeddings
+    assert meta.max_seq_len == 131072
+    llama2 = lj.LlamaConfig.from_meta_params(
+        {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+         "vocab_size": -1}
+    )  # fmt: skip
+    assert llama2.num_params() == PUBLISHED["llama2-7b"] and llama2.max_seq_len == 4096
+    llama1 = lj.LlamaConfig.from_meta_params(
+        {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06,
+         "vocab_size": -1}
+    )  # fmt: skip
+    assert llama1.max_seq_len == 2048 and llama1.n_kv_heads is None
 
 
 def test_hf_config_newer_rope_parameters_layout():
