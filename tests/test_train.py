@@ -297,3 +297,51 @@ def test_cli_reports_bad_data_paths_and_empty_corpora(tmp_path, capsys):
     assert cli.main([*base, *big]) == 2
     assert "longer than the model's context max_seq_len=256" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_starts_from_a_converted_checkpoint(tmp_path):
+    """HF weights -> `llama-jax convert` -> `llama-jax train --init --task sft` -> model/."""
+    import shutil
+
+    from llama_jax import checkpoint
+    from llama_jax.tokenizer import train_sentencepiece
+    from tests.hf_oracle import hf_params, make_hf_model
+
+    train_sentencepiece(iter(stdlib_docs()[:4]), tmp_path / "tok.model", vocab_size=400)
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=96,
+                      max_seq_len=128)  # fmt: skip
+    hf = make_hf_model(cfg, seed=3, std=0.02)
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copy(tmp_path / "tok.model", tmp_path / "hf" / "tokenizer.model")
+    checkpoint.convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(12)
+    ]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    # A learning rate of 1e-9 moves no weight by more than ~2e-9: the saved model must be
+    # the converted one, which proves where fine-tuning started.
+    argv = ["train", "--init", str(tmp_path / "ckpt"), "--task", "sft", "--data",
+            str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "run"), "--steps", "2",
+            "--batch-size", "4", "--seq-len", "32", "--lr", "1e-9", "--warmup", "0",
+            "--eval-batches", "1", "--no-progress", "--dtype", "float32"]  # fmt: skip
+    assert cli.main(argv) == 0
+    tuned = checkpoint.load(tmp_path / "run" / "model")
+    assert tuned.cfg.replace(name="x", dtype="float32") == cfg.replace(name="x")
+    want = hf_params(hf, cfg)
+    got = jax.device_get(nnx_params(tuned))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=0)
+    saved_tok = (tmp_path / "run" / "model" / "tokenizer.model").read_bytes()
+    assert saved_tok == (tmp_path / "tok.model").read_bytes()
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
