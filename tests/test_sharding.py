@@ -255,6 +255,31 @@ def test_load_a_checkpoint_onto_a_mesh(tmp_path, explicit):
 # --------------------------------------------------------------------------- placement
 
 
+def test_build_model_never_holds_the_whole_model_on_a_device(monkeypatch):
+    # The jitted initialiser build_model compiles: per device, its outputs and its
+    # temporaries together stay near 1/8 of the model (the random bits are generated
+    # sharded too), never a full copy.
+    cfg = lj.LlamaConfig(dim=512, n_layers=4, n_heads=8, vocab_size=4096, ffn_dim=1024,
+                         max_seq_len=64)  # fmt: skip
+    jitted = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, **kwargs):
+        jitted.append(real_jit(fn, **kwargs))
+        return jitted[-1]
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    model = build_model(cfg, seed=0, mesh="fsdp")
+    monkeypatch.undo()
+    assert len(jitted) == 1
+    memory = jitted[0].lower().compile().memory_analysis()
+    total = cfg.num_params() * 4
+    assert memory.output_size_in_bytes <= total / 8 * 1.01
+    assert memory.output_size_in_bytes + memory.temp_size_in_bytes < total / 3
+    held = shard_bytes_on(jax.devices()[0], params_of(model))
+    assert abs(held - memory.output_size_in_bytes) < 1024  # XLA counts a tuple table too
+
+
 def test_fsdp_splits_every_weight_eight_ways():
     mesh = sh.make_mesh("fsdp")
     params = params_of(model_of("mha", mesh))
