@@ -687,29 +687,32 @@ def jit_forward(model, mesh: Mesh | None = None) -> Callable[..., jax.Array]:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    # Without a mask the model may take its plain-causal path (no [B, T, S] mask array).
     apply = lambda state, tokens, mask: nnx.merge(graphdef, state)(tokens, attention_mask=mask)
     if mesh is None:
         plain = jax.jit(apply)
         return lambda tokens, attention_mask=None: plain(state, tokens, attention_mask)
     validate(model.cfg, mesh)
     state_shardings = param_shardings(state, mesh)
-    compiled: dict[tuple[int, ...], Any] = {}
+    compiled: dict[tuple, Any] = {}
 
     def forward(tokens, attention_mask=None):
         shape = tuple(tokens.shape)
         rows = batch_sharding(mesh, shape)
-        if shape not in compiled:
+        key = (shape, attention_mask is None)
+        if key not in compiled:
             logits = logical_sharding(
                 mesh, ("batch", "length", "act_vocab"), (*shape, model.cfg.vocab_size)
             )
-            compiled[shape] = jax.jit(
-                apply, in_shardings=(state_shardings, rows, rows), out_shardings=logits
+            mask_sharding = None if attention_mask is None else rows
+            compiled[key] = jax.jit(
+                apply, in_shardings=(state_shardings, rows, mask_sharding), out_shardings=logits
             )
-        if attention_mask is None:
-            attention_mask = np.ones(shape, bool)
-        tokens, attention_mask = jax.device_put((tokens, attention_mask), rows)
+        tokens = jax.device_put(tokens, rows)
+        if attention_mask is not None:
+            attention_mask = jax.device_put(attention_mask, rows)
         with use_mesh(mesh):
-            return compiled[shape](state, tokens, attention_mask)
+            return compiled[key](state, tokens, attention_mask)
 
     return forward
 
