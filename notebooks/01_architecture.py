@@ -33,8 +33,9 @@
 #
 # To check the pieces against a real model instead, set the environment variable
 # `LLAMA_JAX_CHECKPOINT` (or `CHECKPOINT` below) to a llama-jax checkpoint directory
-# (`llama-jax convert` makes one from Meta or Hugging Face weights; a 1B model needs
-# about 6 GB of memory in float32).
+# (`llama-jax convert` makes one from Meta or Hugging Face weights, and
+# `llama-jax quickstart` leaves a small trained one in `runs/quickstart/model`;
+# a 1B model needs about 5 GB of memory in float32).
 #
 # Dimension letters, as in the package: B batch, T sequence, D model width, F MLP width,
 # N query heads, K key/value heads, G = N/K, H head dim, V vocabulary, L layers.
@@ -86,13 +87,16 @@ def tiny_model(seed=0):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     rng = np.random.default_rng(seed)
 
+    # Inputs summed into each output: D for the projections from the residual stream,
+    # N*H into wo, F into w2; embedding rows are looked up, not summed (unit variance).
+    D, F, NH = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads * cfg.head_dim
+    fan_ins = dict(tok_embeddings=1, wq=D, wk=D, wv=D, wo=NH, w1=D, w3=D, w2=F, output=D)
+
     def redraw(path, w):
         name = path[-1].key
         if name == "weight":  # RMSNorm gains start at one
             return w
-        fan_in = w.shape[-2] if name != "tok_embeddings" else 1
-        if name == "wo":
-            fan_in = w.shape[-3] * w.shape[-2]  # [L, N, H, D]: N*H inputs
+        fan_in = fan_ins[name]
         return rng.normal(size=w.shape).astype(np.float32) * fan_in**-0.5
 
     return cfg, set_params(model, jax.tree_util.tree_map_with_path(redraw, params))
@@ -177,11 +181,12 @@ for theta in (1e4, 5e5):
 ax1.set(xlabel="pair i (H=128)", ylabel="wavelength (tokens)", title="One wavelength per pair")
 ax1.legend()
 pos = np.arange(64)
-for i in (0, 8, 32):
-    angle = pos * inv_freq_of(128, 1e4)[i]
-    ax2.plot(np.cos(angle) * (1 + i / 64), np.sin(angle) * (1 + i / 64), ".-", label=f"pair {i}")
-ax2.set(aspect="equal", title="A unit pair turned at positions 0..63")
-ax2.legend(loc="upper right", fontsize=8)
+for radius, i in zip((1.0, 1.3, 1.6), (0, 8, 16), strict=True):
+    angle = pos * inv_freq_of(128, 1e4)[i]  # theta = 10 000, H = 128
+    dots = ax2.scatter(radius * np.cos(angle), radius * np.sin(angle), c=pos, cmap="viridis", s=12)
+    ax2.text(radius * np.cos(angle[-1]), radius * np.sin(angle[-1]) + 0.08, f"pair {i}", fontsize=8)
+fig.colorbar(dots, ax=ax2, label="position")
+ax2.set(aspect="equal", title="Pairs 0, 8, 16 turned at positions 0..63", xticks=[], yticks=[])
 plt.show()
 
 # %% [markdown]
@@ -472,6 +477,7 @@ print("our transformer == llama_jax.Transformer: logits", logits.shape)
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.3))
 ax1.plot(residual_rms, "o-")
+ax1.set_xticks(range(L + 1))
 ax1.set(
     xlabel="after block (0 = embeddings)",
     ylabel="RMS of h",

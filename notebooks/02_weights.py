@@ -29,7 +29,8 @@
 #
 # **Real weights.** Set `LLAMA_JAX_CHECKPOINT` (or `CHECKPOINT` below) to a llama-jax
 # checkpoint, made from Meta or Hugging Face weights with
-# `llama-jax convert ~/Llama-3.2-1B ~/ckpt/llama3.2-1b`. A random model shows only the
+# `llama-jax convert ~/Llama-3.2-1B ~/ckpt/llama3.2-1b`, or the one
+# `llama-jax quickstart` leaves a small trained one in `runs/quickstart/model`. A random model shows only the
 # initialisation (N(0, 0.02) matrices, gains of one); trained weights show what training
 # did to them, and every figure below is drawn for them the same way.
 
@@ -302,6 +303,10 @@ plt.show()
 
 # %%
 if str(CHECKPOINT).startswith(str(workdir)):
+    import warnings
+
+    # tqdm's notebook progress bars need ipywidgets; these exports draw none anyway.
+    warnings.filterwarnings("ignore", message="IProgress not found")
     from llama_jax.checkpoint.safetensors_io import read_safetensors
     from llama_jax.checkpoint.torch_zip import read_pth
 

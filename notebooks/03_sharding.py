@@ -26,10 +26,12 @@
 # - *CPU laptop*: open this file in Jupyter (jupytext) or run
 #   `jupytext --to ipynb notebooks/03_sharding.py`; about a minute.
 # - *GPU*: with 8 GPUs the notebook uses them; with fewer it falls back to 8 CPU devices.
-# - *Colab TPU*: a v2-8/v3-8 runtime has 8 TPU cores, which the notebook uses directly.
+# - *Colab TPU*: a TPU runtime with 8 cores (v2-8) is used directly; with fewer devices
+#   the notebook falls back to 8 CPU devices, as on a laptop.
 #
 # To shard a real model instead of the tiny one, set `LLAMA_JAX_CHECKPOINT` (or
-# `CHECKPOINT` below) to a llama-jax checkpoint directory (`llama-jax convert` makes one);
+# `CHECKPOINT` below) to a llama-jax checkpoint directory (`llama-jax convert` makes one;
+# `llama-jax quickstart` leaves a small trained one in `runs/quickstart/model`);
 # it is read straight onto the mesh, each device reading only its own slice.
 
 # %%
@@ -344,6 +346,11 @@ def loss(state, tokens):  # next-token cross-entropy: what a training step diffe
 counts = {}
 for layout in ["dp", "fsdp", "tp"]:
     m = sh.make_mesh(layout, devices=devices)
+    try:
+        sh.validate(cfg, m)
+    except lj.LlamaError as e:  # a checkpoint whose heads do not divide over 8 devices
+        print(f"skipping {layout}: {e}")
+        continue
     state = jax.device_put(nnx.state(base), sh.param_shardings(nnx.state(base), m))
     batch = sh.shard_batch(tokens, m)
     with sh.use_mesh(m):
@@ -388,7 +395,7 @@ for k, v in counts.items():
 
 # %%
 m = sh.make_mesh("fsdp", devices=devices)
-state = nnx.state(base)  # on one device; jit moves it
+state = jax.tree.map(np.asarray, nnx.state(base))  # host (numpy) copies
 state_shardings = sh.param_shardings(state, m)
 batch_sharding = sh.batch_sharding(m, tokens.shape)
 out_sharding = sh.logical_sharding(
@@ -398,7 +405,7 @@ with sh.use_mesh(m):
     step = jax.jit(
         forward, in_shardings=(state_shardings, batch_sharding), out_shardings=out_sharding
     )
-    logits = step(state, tokens)  # host arrays in; jit places them by in_shardings
+    logits = step(state, tokens)  # host arrays in: jit places them by in_shardings
 print(logits.sharding)
 np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-5)
 
@@ -411,8 +418,9 @@ np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-5)
 # - **Every host runs the same program.** Start it on all hosts at once and call
 #   `sh.initialize_distributed()` (`jax.distributed.initialize`) before anything else;
 #   then `jax.devices()` lists all 32 devices, `jax.local_devices()` this host's 4.
-# - **The mesh spans hosts.** Put `tensor` on the fast links inside a slice (ICI) and
-#   `fsdp`/`data` across; `fsdp_tp` does that. Across slices (DCN), use `data`.
+# - **The mesh spans hosts.** Keep `tensor` on the fastest links (inside a host on GPUs,
+#   the chip-to-chip ICI of a TPU slice) and `fsdp`/`data` across them; between slices,
+#   which talk over the slower data-centre network (DCN), use `data`.
 # - **Each host feeds its own rows.** `sh.shard_batch(local_rows, mesh)` builds one global
 #   batch from every host's part (`jax.make_array_from_process_local_data`).
 # - **Only process 0 prints and writes single-writer files** (`sh.print0`,

@@ -30,7 +30,8 @@
 #
 # **Real weights.** Set `LLAMA_JAX_CHECKPOINT` (or `CHECKPOINT` below) to a llama-jax
 # checkpoint that holds its `tokenizer.model` (`llama-jax convert` copies it), e.g. one
-# converted from Llama 3.2 1B; the model then writes real text.
+# converted from Llama 3.2 1B; the model then writes real text. (Or the one
+# `llama-jax quickstart` leaves a small trained one in `runs/quickstart/model`.)
 
 # %%
 import os
@@ -128,16 +129,16 @@ if not CHECKPOINT:
     model = lj.build_model(cfg, seed=0)
     rng = np.random.default_rng(0)
 
+    # Inputs summed into each output: D for the projections from the residual stream,
+    # N*H into wo, F into w2; embedding rows are looked up, not summed (unit variance).
+    D, F, NH = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads * cfg.head_dim
+    fan_ins = dict(tok_embeddings=1, wq=D, wk=D, wv=D, wo=NH, w1=D, w3=D, w2=F, output=D)
+
     def redraw(path, w):
         name = path[-1].key
         if name == "weight":
             return w
-        if name == "tok_embeddings":
-            fan_in = 1
-        elif name == "wo":
-            fan_in = w.shape[-3] * w.shape[-2]  # [L, N, H, D]: N*H inputs
-        else:
-            fan_in = w.shape[-2]
+        fan_in = fan_ins[name]
         return rng.normal(size=w.shape).astype(np.float32) * fan_in**-0.5
 
     set_params(

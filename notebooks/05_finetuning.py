@@ -30,7 +30,8 @@
 #
 # **Real weights.** Set `LLAMA_JAX_CHECKPOINT` (or `CHECKPOINT` below) to a llama-jax
 # checkpoint with its `tokenizer.model` to fine-tune it instead of a random tiny model
-# (a 1B model needs an accelerator with about 16 GB for float32 weights and Adam state).
+# (a 1B model needs an accelerator with about 20 GB for float32 weights, gradients and
+# Adam state); `llama-jax quickstart` leaves a small trained one in `runs/quickstart/model`.
 
 # %%
 import json
@@ -210,7 +211,8 @@ print(
 #
 # The same call on the same directory finds the latest checkpoint (step 60) and
 # continues from there. The data order is a function of (seed, step) and LLaMA trains
-# without dropout, so steps 61 to 70 are computed again with the same losses.
+# without dropout, so steps 61 to 70 are computed again with the same losses (in the
+# live curve above, the resumed run's points at 65 and 70 cover the first run's).
 
 # %%
 first_losses = {s: v for s, v, r in history if r == "first run"}

@@ -6,6 +6,8 @@ IPython kernel of this interpreter, so a cell that raises, or a check inside a n
 that no longer holds against the package, fails the test. Nothing is installed or
 registered globally: the kernel is the "python3" kernelspec, which jupyter_client starts
 with `sys.executable`, and Jupyter's runtime files go to a temporary directory.
+
+Set LLAMA_JAX_NOTEBOOK_OUT=DIR to keep the executed notebooks (with their outputs) there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -63,6 +66,10 @@ def execute(path: Path, tmp_path: Path):
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute(env=kernel_env(tmp_path), cwd=str(tmp_path))
+    out_dir = os.environ.get("LLAMA_JAX_NOTEBOOK_OUT")
+    if out_dir:  # keep the executed notebook, outputs and all, for reading
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, Path(out_dir) / f"{path.stem}.ipynb")
     return nb
 
 
