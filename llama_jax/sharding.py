@@ -19,7 +19,7 @@ mesh everything runs on one device, unchanged.
 Meshes: `make_mesh("data=2,fsdp=-1,tensor=2")` or a preset name (`MESH_PRESETS`). The model
 also runs on a mesh made with plain `jax.make_mesh(shape, ("data", "fsdp", "tensor"))`,
 whose axes are Explicit in current JAX: the forward runs its body with the axes Auto (see
-`auto_axes_call`), so the gathers and einsums never need a hand-written output sharding.
+`auto_axes_call`), so the embedding gather needs no hand-written output sharding.
 """
 
 from __future__ import annotations
@@ -744,10 +744,10 @@ def auto_axes_call(fn: Callable, args: tuple, mesh, out_shardings):
 
     Under a mesh with Explicit axes (the default of `jax.make_mesh`), every operation
     must resolve its output sharding from its inputs' types; a gather from a sharded
-    embedding table, or an einsum contracting a dimension split over fsdp, cannot, and
-    raises a ShardingTypeError. Inside this call the axes are Auto, so XLA's partitioner
-    places the intermediates between the constraints the model names; the outputs come
-    back as Explicit-typed arrays with `out_shardings`.
+    embedding table by batch-sharded ids cannot, and raises a ShardingTypeError. Inside
+    this call the axes are Auto, so XLA's partitioner places the intermediates between
+    the constraints the model names (one code path for both kinds of mesh); the outputs
+    come back as Explicit-typed arrays with `out_shardings`.
 
     Args:
       fn: the function.
