@@ -10,6 +10,8 @@ as [B, T, K, G, H] so that each KV head serves its G query heads without copying
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -63,16 +65,51 @@ class KVCache:
         )
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+_IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default="xla")
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str):
+    """Choose how `attend` computes plain causal attention while tracing in this block.
+
+        with attention_implementation("cudnn"):
+            step = train_step.lower(...).compile()
+
+    "xla" (the default) is the einsum-softmax-einsum below, on every backend. "cudnn" is
+    cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
+    bfloat16/float16): it never materialises the [T, S] scores, which is what lets long
+    training sequences fit. Masked attention (padding, a KV cache) always uses "xla".
+
+    Args:
+      name: "xla" or "cudnn".
+    """
+    if name not in ("xla", "cudnn"):
+        from llama_jax.errors import LlamaError
+
+        raise LlamaError(f"attention implementation {name!r}: expected 'xla' or 'cudnn'.")
+    token = _IMPLEMENTATION.set(name)
+    try:
+        yield
+    finally:
+        _IMPLEMENTATION.reset(token)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention of grouped queries over keys, in float32.
 
     Args:
-      q: [B, T, N, H] queries; k, v: [B, S, K, H]; mask: [B, T, S] bool, True = may attend.
+      q: [B, T, N, H] queries; k, v: [B, S, K, H].
+      mask: [B, T, S] bool, True = may attend; or None for plain causal attention of T
+        queries over the same T keys.
     Returns:
       [B, T, N, H] in q's dtype.
     """
     B, T, N, H = q.shape
     K = k.shape[2]
+    if mask is None:
+        if _IMPLEMENTATION.get() == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        mask = jnp.tril(jnp.ones((T, k.shape[1]), bool))[None]  # [1, T, S]
     q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]; query head n uses KV head n // G
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
     scores = scores * (H**-0.5)
@@ -124,7 +161,8 @@ class Attention(nnx.Module):
           x: [B, T, D] normalised input.
           positions: [B, T] rotary positions.
           inv_freq: [H/2] rotary inverse frequencies.
-          mask: [B, T, S] bool, True where query t may attend to key s.
+          mask: [B, T, S] bool, True where query t may attend to key s; None for plain
+            causal attention (no cache, no padding).
           kv: optional (k_cache [L, B, S, K, H], v_cache, layer, index): the whole cache,
             this layer's number and the first free slot. The new keys and values are
             written in place at [layer, :, index : index + T].

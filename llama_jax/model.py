@@ -134,6 +134,9 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         B, T = tokens.shape
         dt = dtype_of(cfg.dtype)
+        # No cache and no padding: plain causal attention, which fused attention kernels
+        # (see attention.attention_implementation) run without a mask array.
+        plain_causal = cache is None and attention_mask is None
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), bool)
         start = jnp.zeros((), jnp.int32) if cache is None else cache.index
@@ -151,6 +154,8 @@ class Transformer(nnx.Module):
         query_slot = start + jnp.arange(T)[:, None]  # [T, 1]
         causal = jnp.arange(S)[None, :] <= query_slot  # [T, S]
         mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+        if plain_causal:
+            mask = None  # attend() builds the same [T, S] triangle where it needs one
 
         h = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(dt)  # [B, T, D]
         h = constrain(h, ("batch", "length", "act_embed"))

@@ -81,3 +81,18 @@ def test_benchmark_smoke_run_reports_ratios(tmp_path):
         assert row["ours"] > 0 and row["peer"] > 0
         assert row["ratio"] == pytest.approx(row["ours"] / row["peer"])
     assert "ratio" in proc.stdout and "decode batch 8" in proc.stdout
+
+
+def test_attention_implementation_choice():
+    from llama_jax.attention import attention_implementation
+
+    model = build_model(CFG, seed=2)
+    tokens = jnp.asarray(np.arange(8)[None], jnp.int32)
+    want = model(tokens)
+    # cuDNN's kernel takes only bf16/fp16, so float32 stays on the einsum path anywhere.
+    with attention_implementation("cudnn"):
+        got = model(tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+    with pytest.raises(lj.LlamaError, match="flash"):
+        with attention_implementation("flash"):
+            pass
