@@ -67,9 +67,10 @@ print("JAX", jax.__version__, "on", jax.devices())
 # ## The model we take apart
 #
 # Without a checkpoint we use the `tiny` preset (D=64, 2 layers, 4 query heads sharing 2
-# KV heads). `build_model` draws matrices from N(0, 0.02), the scale of the 7B models; in a
-# model only 64 wide that makes every attention map flat, so here the matrices are drawn
-# with standard deviation 1/sqrt(fan-in) instead, which gives the softmax something to do.
+# KV heads). `build_model` draws matrices from N(0, 0.02) (Hugging Face's
+# `initializer_range`, sized for models thousands wide); in a model only 64 wide that makes
+# every attention map flat, so here the matrices are drawn with standard deviation
+# 1/sqrt(fan-in) instead, which gives the softmax something to do.
 
 
 # %%
@@ -163,7 +164,8 @@ plt.show()
 # depend only on m - n: attention sees relative positions, and nothing is added to h.
 #
 # The pairs turn at very different speeds: pair 0 once every 2*pi = 6.3 tokens, the last
-# pair once every ~theta tokens. Llama 1 and 2 use theta = 10 000, Llama 3 500 000.
+# once every 2*pi * theta^((H-2)/H) tokens (about 54 000 for theta = 10 000 and H = 128).
+# Llama 1 and 2 use theta = 10 000, Llama 3 500 000.
 
 
 # %%
@@ -313,8 +315,8 @@ plt.show()
 # %% [markdown]
 # ## 4. Grouped-query attention
 #
-# Queries have N heads, keys and values only K (N = K for Llama 1/2 7B and 13B, K = 8
-# for Llama 2 70B and every Llama 3). Each KV head serves G = N/K query heads. Meta's code
+# Queries have N heads, keys and values only K (K = N in Llama 1 and in Llama 2 7B and
+# 13B; K = 8 in Llama 2 70B and every Llama 3). Each KV head serves G = N/K query heads. Meta's code
 # repeats each KV head G times and then does ordinary multi-head attention; the package
 # instead groups the queries as [B, T, K, G, H] and never copies keys. Written Meta's way:
 
@@ -404,9 +406,9 @@ print({n: f"{kib(lj.PRESETS[n], lj.PRESETS[n].kv_heads):.0f} KiB/token" for n in
 #
 # The MLP has three matrices: a gate `w1` and an up projection `w3` to width F, multiplied
 # after passing the gate through SiLU (x * sigmoid(x)), and a down projection `w2` back to
-# D. Three matrices instead of two, so Meta takes F ≈ 2/3 * 4D, rounded up to a multiple
-# of 256 (and scaled by `ffn_dim_multiplier` in the larger models): 11008 for Llama 2 7B,
-# 14336 for Llama 3 8B.
+# D. Three matrices instead of two, so Meta takes F = 2/3 * 4D, scaled by
+# `ffn_dim_multiplier` in the later models and rounded up to a multiple of `multiple_of`:
+# 11008 for Llama 2 7B (multiple 256), 14336 for Llama 3 8B (x 1.3, multiple 1024).
 
 
 # %%

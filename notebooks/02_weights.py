@@ -108,7 +108,7 @@ print(f"{'total':63s} {total:>14,d}")
 # ## 3. Where the parameters live, for every preset
 #
 # From shapes alone (`abstract_model` allocates nothing), the share of each component.
-# The MLP holds about two thirds of a large model; embeddings matter only for small ones,
+# The MLP holds two thirds or more of every large model; embeddings matter only for small ones,
 # especially with Llama 3's 128k-token vocabulary (and Llama 3.2 1B/3B share one matrix
 # between input and output to save it).
 
@@ -155,8 +155,8 @@ print("llama3-8b:", {k: f"{v / 1e9:.2f}B" for k, v in c8.items()})
 # ## 4. Per-layer statistics and histograms
 #
 # For each matrix of each block: its standard deviation and its largest magnitude. In a
-# trained model these drift with depth and a few weights grow far beyond the rest (the
-# outliers that make quantisation hard); in a random one they are flat.
+# trained model both vary with depth and from matrix to matrix, and the largest weights
+# can sit far above the standard deviation; in a random one they are flat.
 
 # %%
 MATRICES = [("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
@@ -209,8 +209,8 @@ plt.show()
 #
 # Tokens with similar use end up with similar embedding rows. Nearest neighbours by cosine
 # similarity, decoded with the checkpoint's tokenizer when it has one. For comparison, the
-# histogram shows random D-dimensional vectors, whose cosines spread as N(0, 1/D): a
-# trained table sits visibly to the right of that.
+# histogram shows random D-dimensional vectors, whose cosines spread as N(0, 1/D);
+# training moves a table away from that, by how much depends on the model.
 
 # %%
 E = np.asarray(params["tok_embeddings"])  # [V, D]

@@ -383,14 +383,15 @@ for k, v in counts.items():
 
 # %% [markdown]
 # The gradient of a data-parallel step sums every device's gradients: all-reduce. Under
-# `fsdp` each device needs only its own slice of that sum, a reduce-scatter; XLA's CPU
-# backend writes it as an all-reduce followed by a slice, while the GPU and TPU compilers
-# emit reduce-scatter. The layer stack is a `jax.lax.scan`, so a collective inside the
+# `fsdp` each device needs only its own slice of that sum, a reduce-scatter; in the CPU
+# program above it appears as an all-reduce after which each device keeps its slice, a
+# pair that accelerator compilers can fuse into one reduce-scatter. The layer stack is a `jax.lax.scan`, so a collective inside the
 # block appears once in the program and runs once per layer.
 #
 # ## 6. `pjit` is `jax.jit`
 #
-# `pjit` was JAX's sharded jit; today it is an alias of `jax.jit` (deprecated). Either
+# `pjit` was JAX's sharded jit; `jax.experimental.pjit.pjit` is now deprecated in favour
+# of `jax.jit`, which takes the same `in_shardings` and `out_shardings`. Either the
 # arguments already carry their shardings, as above, or `jax.jit` is told them:
 
 # %%
