@@ -458,7 +458,8 @@ print(
 # - `llama_jax/sharding.py`: the rules table, `make_mesh`, `validate`, `shard_model`.
 # - `llama-jax generate --mesh fsdp_tp ...` and `llama-jax train --mesh ...` take the same
 #   mesh specs as `make_mesh`.
-# - Notebook **04_generation** shards the KV cache like the activations; **05_finetuning**
-#   runs a training step whose collectives you have just counted.
+# - Notebook **04_generation** explains the KV cache, which shards by `sh.CACHE_AXES`
+#   (batch over `data`/`fsdp`, KV heads over `tensor`); **05_finetuning** runs a
+#   training step whose collectives you have just counted.
 # - The JAX scaling book (jax-ml.github.io/scaling-book) explains the cost of each
 #   collective and how to choose a layout for a given chip count.

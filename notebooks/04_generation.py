@@ -431,7 +431,7 @@ print(
 #
 # - `llama_jax/generate.py`: bucketed prompt lengths, left padding, the compiled decode
 #   loop, stop ids; `llama_jax/sampling.py`: the sampler as one jitted function.
-# - `llama-jax generate CKPT --prompt "..." --temperature 0.7 --top-p 0.9` and
-#   `llama-jax chat CKPT` on a converted checkpoint.
-# - Notebook **03_sharding** shows how the cache and the weights split over devices;
-#   **05_finetuning** teaches a model something worth generating.
+# - `llama-jax generate --checkpoint CKPT --prompt "..." --temperature 0.7 --top-p 0.9`
+#   and `llama-jax chat --checkpoint CKPT` on a converted checkpoint (docs/generation.md).
+# - Notebook **03_sharding** splits the weights over devices (the cache follows
+#   `sharding.CACHE_AXES`); **05_finetuning** teaches a model something worth generating.

@@ -98,9 +98,8 @@ TOPICS = ["01_architecture", "02_weights", "03_sharding", "04_generation", "05_f
 
 
 def test_notebooks_exist():
+    # Stored as jupytext scripts; .ipynb copies made by readers are git-ignored.
     assert [p.stem for p in NOTEBOOKS] == TOPICS
-    # Stored as scripts only: executed copies with outputs do not belong in the repo.
-    assert not list(NOTEBOOK_DIR.glob("*.ipynb")), "commit notebooks as jupytext .py files"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
