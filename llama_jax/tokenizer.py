@@ -471,7 +471,7 @@ def train_sentencepiece(
     buf = io.BytesIO()
     if isinstance(text, str | os.PathLike):
         files = [str(text)]
-    elif isinstance(text, list | tuple) and text and all(Path(str(t)).is_file() for t in text):
+    elif isinstance(text, list | tuple) and text and all(_is_file(t) for t in text):
         files = [str(t) for t in text]
     else:
         files = None
@@ -488,6 +488,16 @@ def train_sentencepiece(
         raise LlamaError(f"SentencePiece training failed: {str(e).strip()}") from None
     _atomic_write(out_path, buf.getvalue())
     return SentencePieceTokenizer(buf.getvalue(), source=str(out_path))
+
+
+def _is_file(t) -> bool:
+    """Whether t names an existing file (False for text, however long)."""
+    if not isinstance(t, str | os.PathLike) or "\n" in str(t):
+        return False
+    try:
+        return Path(t).is_file()
+    except OSError:  # e.g. a line of text longer than a file name may be
+        return False
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
