@@ -232,10 +232,10 @@ def test_train_from_files_and_bad_training_input(tmp_path):
     text = "\n".join(corpus(300, seed=2))
     (tmp_path / "a.txt").write_text(text)
     for source in (tmp_path / "a.txt", [str(tmp_path / "a.txt")], iter(text.splitlines())):
-        tok = train_sentencepiece(source, tmp_path / "t.model", 300)
-        assert tok.vocab_size == 300 and tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
+        tok = train_sentencepiece(source, tmp_path / "t.model", 400)
+        assert tok.vocab_size == 400 and tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
     with pytest.raises(LlamaError, match="does not exist"):
-        train_sentencepiece(tmp_path / "missing.txt", tmp_path / "u.model", 300)
+        train_sentencepiece(tmp_path / "missing.txt", tmp_path / "u.model", 400)
     with pytest.raises(LlamaError, match="Vocabulary size too high"):
         train_sentencepiece(["a b c", "d e f"], tmp_path / "u.model", 100_000)
     assert not (tmp_path / "u.model").exists()
