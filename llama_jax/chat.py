@@ -116,8 +116,15 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """`llama-jax chat`: read messages from the terminal, stream the answers."""
+    import jax
+
     from llama_jax.sharding import is_main_process
 
+    if jax.process_count() > 1:
+        raise LlamaError(
+            "chat reads one terminal, but this is a multi-process run: every host would wait "
+            "for input. Use `llama-jax generate` (every host runs it, process 0 prints)."
+        )
     model, tokenizer = load_for_generation(args)
     show = is_main_process()
 
