@@ -23,10 +23,11 @@
 # `llama_jax.model`), so if the package changes, this notebook fails instead of drifting.
 #
 # **How to run it.**
-# - *CPU laptop*: `pip install -e ".[dev]" jupyterlab` in a clone, then `jupyter lab` and
-#   open this file as a notebook (jupytext, in the `dev` extra, lets Jupyter open `.py`
-#   notebooks), or make an `.ipynb` with `jupytext --to ipynb notebooks/01_architecture.py`.
-#   It builds a tiny random model and runs in well under a minute.
+# - *CPU laptop*: in a clone, `pip install -e . jupyterlab jupytext treescope`, then
+#   `jupyter lab` and open this file with Open With > Jupytext Notebook (every notebook
+#   here is a `.py` script), or make an `.ipynb` with
+#   `jupytext --to ipynb notebooks/01_architecture.py`. It builds a tiny random model and
+#   runs in under a minute.
 # - *GPU*: the same after `pip install -U "jax[cuda13]"` (or `cuda12`); nothing else changes.
 # - *Colab TPU*: Runtime > Change runtime type > TPU, then `!pip install -e <your clone>`
 #   and open the `.ipynb`. JAX picks the TPU up by itself.

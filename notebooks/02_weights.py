@@ -21,7 +21,7 @@
 # Hugging Face's layouts side by side, with the rotary permutation between them.
 #
 # **How to run it.**
-# - *CPU laptop*: open this file in Jupyter (jupytext) or run
+# - *CPU laptop*: open this file in Jupyter with jupytext (see notebook 01) or run
 #   `jupytext --to ipynb notebooks/02_weights.py`. Without a checkpoint it builds a small
 #   random model, saves it as a llama-jax checkpoint and opens that; about a minute.
 # - *GPU*: the same after `pip install -U "jax[cuda13]"`.

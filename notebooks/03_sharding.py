@@ -23,7 +23,7 @@
 #
 # **How to run it.** No accelerator needed: the first cell asks XLA for 8 simulated CPU
 # devices, so the meshes below are real meshes on one machine.
-# - *CPU laptop*: open this file in Jupyter (jupytext) or run
+# - *CPU laptop*: open this file in Jupyter with jupytext (see notebook 01) or run
 #   `jupytext --to ipynb notebooks/03_sharding.py`; about a minute.
 # - *GPU*: with 8 GPUs the notebook uses them; with fewer it falls back to 8 CPU devices.
 # - *Colab TPU*: a TPU runtime with 8 cores (v2-8) is used directly; with fewer devices
@@ -122,21 +122,33 @@ else:
 abstract = nnx.state(lj.abstract_model(cfg), nnx.Param)  # shapes only, no memory
 shapes = nnx.to_pure_dict(abstract)
 
-print(f"{'parameter':30s} {'shape':22s} {'logical axes':42s} PartitionSpec on {dict(mesh.shape)}")
+MESHES = {name: sh.make_mesh(name, devices=devices) for name in ["dp", "fsdp", "tp", "fsdp_tp"]}
+MESHES["2x2x2"] = mesh
+
+
+def short(spec, ndim):
+    """P(None, 'fsdp', ('data', 'fsdp')) -> '. fsdp data+fsdp', one entry per dimension."""
+    entries = (*spec, *(None,) * (ndim - len(spec)))
+    return " ".join("." if e is None else e if isinstance(e, str) else "+".join(e) for e in entries)
+
+
+print("How each dimension is split ('.': not split), per mesh:")
+print(f"{'parameter':29s} {'logical axes':37s}", " ".join(f"{m:16s}" for m in MESHES))
 for path, axes in sh.PARAM_AXES.items():
     if path == ("output",) and cfg.tie_word_embeddings:
         continue
     leaf = shapes
     for key in path:
         leaf = leaf[key]
-    spec = sh.logical_to_spec(axes, leaf.shape, mesh)
-    print(f"{'/'.join(path):30s} {str(leaf.shape):22s} {str(axes):42s} {spec}")
+    specs = [short(sh.logical_to_spec(axes, leaf.shape, m), leaf.ndim) for m in MESHES.values()]
+    print(f"{'/'.join(path):29s} {' '.join(axes):37s}", " ".join(f"{x:16s}" for x in specs))
 
 # %% [markdown]
-# Note `wk` and `wv`: with 2 KV heads, a tensor axis of 2 splits them, but one of 8 would
-# not (the rule is skipped), so each device would compute the KV heads its query heads
-# need. `sh.validate` refuses layouts that cannot work at all (query heads not divisible
-# by `tensor`, for instance) with a message naming the field and the axis.
+# Note `wk` and `wv` under `tp`: 2 KV heads cannot be split 8 ways, so that rule is
+# skipped and every device holds both KV heads, computing the keys and values its query
+# heads need (under `fsdp_tp`, tensor = 2, they are split). `sh.validate` refuses layouts
+# that cannot work at all, such as query heads not divisible by `tensor`, with a message
+# naming the field and the axis.
 
 # %%
 try:

@@ -21,7 +21,7 @@
 # written here and checked against `llama_jax.sampling`; and how much the cache saves.
 #
 # **How to run it.**
-# - *CPU laptop*: open this file in Jupyter (jupytext) or run
+# - *CPU laptop*: open this file in Jupyter with jupytext (see notebook 01) or run
 #   `jupytext --to ipynb notebooks/04_generation.py`. It trains a small SentencePiece
 #   tokenizer on the package's own source text and builds a tiny random model; about a
 #   minute. A random model produces random text: the mechanics are the same.
@@ -50,7 +50,7 @@ from llama_jax.attention import KVCache
 from llama_jax.generate import generate
 from llama_jax.model import set_params
 from llama_jax.sampling import filter_logits, sample
-from llama_jax.tokenizer import Tokenizer, train_sentencepiece
+from llama_jax.tokenizer import Tokenizer, llama3_special_tokens, train_sentencepiece
 
 # ▶ Point this at a llama-jax checkpoint (with tokenizer.model); None builds a tiny model.
 CHECKPOINT = os.environ.get("LLAMA_JAX_CHECKPOINT") or None
@@ -95,6 +95,21 @@ pieces = [piece(i) for i in ids[1:]]  # SentencePiece writes a leading space as 
 print(len(text), "characters ->", len(ids), "ids:", ids)
 print("pieces:", pieces)
 assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == text
+
+# %% [markdown]
+# Chat models were fine-tuned on one fixed template per family, and BOS must appear
+# exactly once (trap 6 of the design notes). The tokenizer writes its family's template:
+# Llama 2's `[INST]` / `<<SYS>>` markers for SentencePiece, Llama 3's header tokens
+# (`<|start_header_id|>user<|end_header_id|>`, ... `<|eot_id|>`) for tiktoken, whose 256
+# special tokens take the ids after the 128 000 ordinary ones.
+
+# %%
+dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a llama."}]
+print(tok.format_dialog(dialog))
+chat_ids = tok.encode_dialog(dialog)
+assert chat_ids.count(tok.bos_id) == 1
+specials = llama3_special_tokens()
+print(len(specials), "Llama 3 special tokens:", specials[:2], "...", specials[-1])
 
 # %% [markdown]
 # Byte fallback means no text is ever unknown: a character the pieces do not cover is

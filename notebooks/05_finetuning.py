@@ -22,7 +22,7 @@
 # text and is saved as a checkpoint the other notebooks can open.
 #
 # **How to run it.**
-# - *CPU laptop*: open this file in Jupyter (jupytext) or run
+# - *CPU laptop*: open this file in Jupyter with jupytext (see notebook 01) or run
 #   `jupytext --to ipynb notebooks/05_finetuning.py`. It trains a tiny model on the
 #   package's own source code for 120 steps; one to two minutes.
 # - *GPU*: the same after `pip install -U "jax[cuda13]"`; raise `STEPS` and the model size.
