@@ -585,7 +585,11 @@ def train(
     def on_sigterm(signum, frame):
         stop["sigterm"] = True
 
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    installed = True
+    try:
+        previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        installed = False
     metrics_file = open(out_dir / "metrics.jsonl", "a") if lead else None
 
     def record(entry: dict) -> None:
@@ -609,8 +613,10 @@ def train(
 
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_per_step = model_flops_per_token(cfg, tc.seq_len) * tokens_per_step
-    n_devices = len(jax.devices()) if mesh is None else mesh.devices.size
-    peak = peak_flops() * (1 if mesh is None else n_devices)
+    # A CPU's measured peak is the whole host's (its matmul uses every core), however many
+    # devices the host is split into; accelerators' peaks are per chip.
+    n_devices = 1 if mesh is None else mesh.devices.size
+    peak = peak_flops() * (1 if jax.devices()[0].platform == "cpu" else n_devices)
     bar = None
     if progress and lead:
         from tqdm.auto import tqdm
@@ -669,7 +675,8 @@ def train(
         manager.close()
         if metrics_file is not None:
             metrics_file.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        if installed:
+            signal.signal(signal.SIGTERM, previous_handler or signal.SIG_DFL)
     return TrainResult(params, trainer, start, step, losses, eval_losses, stop["sigterm"])
 
 

@@ -1,0 +1,142 @@
+"""Training throughput: llama-jax's train step against PyTorch, same model, same run.
+
+    .venv/bin/python scripts/bench_train.py                        # bench-134m, CPU defaults
+    .venv/bin/python scripts/bench_train.py --batch-size 8 --seq-len 1024 --dtype bfloat16
+
+Both sides train the same architecture (`--preset`, ~134M parameters by default) on the
+same random token batches with AdamW (betas 0.9/0.95, weight decay 0.1) and global-norm
+clipping at 1.0:
+
+    llama-jax   train.Trainer: one jitted step (forward, backward, clip, AdamW), params
+                and optimizer state donated, float32 master weights, matmuls in --dtype
+    PyTorch     transformers' LlamaForCausalLM + torch.optim.AdamW (fused where the
+                build has it), clip_grad_norm_, same dtype policy via autocast
+
+It prints tokens/s, seconds per step and MFU for each and the ratio. MFU counts the
+model's training FLOPs (3 x forward, `LlamaConfig.flops_per_token`) against the device
+peak from `train.peak_flops` (data-sheet numbers for accelerators; on CPU a measured
+float32 matmul peak, so CPU MFU is relative to what this machine's BLAS achieves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from llama_jax import train
+from llama_jax.config import get_preset
+
+
+def batches(cfg, batch_size: int, seq_len: int, n: int, seed: int = 0) -> list[np.ndarray]:
+    """n random [B, T + 1] int32 token arrays (the same for both frameworks)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+            for _ in range(n)]  # fmt: skip
+
+
+def jax_step_times(cfg, tc: train.TrainConfig, data: list[np.ndarray], warmup: int):
+    """Seconds of each timed llama-jax train step (after `warmup` untimed ones)."""
+    trainer = train.Trainer(cfg, tc)
+    params = trainer.init_params()
+    opt_state = trainer.init_opt_state(params)
+    times = []
+    for i, tokens in enumerate(data):
+        batch = trainer.put_batch({
+            "tokens": tokens[None, :, :-1], "targets": tokens[None, :, 1:],
+            "weights": np.ones((1, *tokens[:, 1:].shape), np.float32),
+        })  # fmt: skip
+        t0 = time.perf_counter()
+        params, opt_state, metrics = trainer.step(params, opt_state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, float(metrics["loss"])
+
+
+def torch_step_times(cfg, tc: train.TrainConfig, data: list[np.ndarray], warmup: int):
+    """Seconds of each timed PyTorch train step (transformers' LlamaForCausalLM + AdamW)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**cfg.to_hf())
+    hf_cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if "norm" in n]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps,
+    )  # fmt: skip
+    amp = tc.compute_dtype == "bfloat16"
+    times = []
+    for i, tokens in enumerate(data):
+        t = torch.from_numpy(tokens.astype(np.int64))
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(t[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, float(loss.detach())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="bench-134m")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per framework")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--skip-torch", action="store_true")
+    args = p.parse_args()
+
+    cfg = get_preset(args.preset)
+    tc = train.TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
+                           compute_dtype=args.dtype, learning_rate=1e-4)  # fmt: skip
+    data = batches(cfg, args.batch_size, args.seq_len, args.warmup + args.steps)
+    tokens = args.batch_size * args.seq_len
+    flops = train.model_flops_per_token(train.training_config(cfg, tc), args.seq_len) * tokens
+    peak = train.peak_flops()
+    dev = jax.devices()[0]
+    print(f"{cfg.name}: {cfg.num_params() / 1e6:.0f}M parameters; batch {args.batch_size} x "
+          f"{args.seq_len} tokens; matmuls in {args.dtype}; {args.steps} timed steps after "
+          f"{args.warmup} warm-up")  # fmt: skip
+    print(f"device: {dev.device_kind} ({dev.platform}), {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}; peak {peak / 1e9:.0f} GFLOP/s "
+          f"({'data sheet' if dev.platform != 'cpu' else 'measured f32 matmul'}); "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+
+    rows = {}
+    times, loss = jax_step_times(cfg, tc, data, args.warmup)
+    rows["llama-jax"] = (statistics.median(times), loss)
+    if not args.skip_torch:
+        import torch
+
+        times, loss = torch_step_times(cfg, tc, data, args.warmup)
+        rows[f"PyTorch {torch.__version__}"] = (statistics.median(times), loss)
+
+    print(f"{'':22s} {'s/step':>8s} {'tokens/s':>10s} {'MFU':>7s} {'loss':>7s}")
+    for name, (sec, loss) in rows.items():
+        print(f"{name:22s} {sec:8.2f} {tokens / sec:10.0f} {flops / sec / peak:7.1%} {loss:7.3f}")
+    if len(rows) == 2:
+        (a, _), (b, _) = rows.values()
+        print(f"llama-jax / PyTorch tokens/s: {b / a:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
