@@ -247,11 +247,20 @@ def test_killed_and_preempted_runs_resume_to_bitwise_identical_losses(tmp_path):
 # Bad input ------------------------------------------------------------------------------
 
 
-def small_run(tmp_path, cfg=CFG, **kw):
+def small_run(tmp_path, cfg=CFG, mesh=None, **kw):
     tc = train.TrainConfig(**{**dict(steps=2, batch_size=2, seq_len=16, save_every=1,
                                      log_every=1, eval_batches=1), **kw})  # fmt: skip
     ds = data.pack_documents(stdlib_docs()[:3], TOK, tc.seq_len)
-    return train.train(cfg, tc, ds, tmp_path, progress=False, log=lambda _: None)
+    return train.train(cfg, tc, ds, tmp_path, progress=False, log=lambda _: None, mesh=mesh)
+
+
+def test_a_run_saved_on_one_mesh_resumes_on_another(tmp_path):
+    small_run(tmp_path, mesh=make_mesh("fsdp"), batch_size=8)
+    result = small_run(tmp_path, mesh=make_mesh("tp"), batch_size=8, steps=3)
+    assert (result.start_step, result.step) == (2, 3)
+    w1 = result.params["layers"]["feed_forward"]["w1"]
+    assert w1.sharding.spec == result.trainer.param_shardings["layers"]["feed_forward"]["w1"].spec
+    assert "tensor" in str(w1.sharding.spec) and "fsdp" not in str(w1.sharding.spec)
 
 
 def tree_digest(path: Path) -> str:
