@@ -118,8 +118,9 @@ def test_notebook_runs_and_draws(path, tmp_path):
     errors = [o for c in code for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
 
-    # Every cell that shows a figure must have produced one as an image.
-    figure_cells = [c for c in code if "plt.show()" in c.source]
+    # Every cell that shows a figure (plt.show(), or a live figure through display())
+    # must have produced one as an image.
+    figure_cells = [c for c in code if "plt.show()" in c.source or "display(fig" in c.source]
     assert figure_cells, f"{path.name} draws no figures"
     blank = [c.source.splitlines()[0] for c in figure_cells if not has_image(c)]
     assert not blank, f"cells whose figure did not render: {blank}"
