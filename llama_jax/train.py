@@ -277,10 +277,19 @@ class Trainer:
     # State ---------------------------------------------------------------------------
 
     def init_params(self, seed: int | None = None, params: dict | None = None) -> dict:
-        """Parameters on the mesh: random (from `seed`) or the given nested dict, as float32.
+        """Float32 parameters placed on the mesh: random ones, or `params` (fine-tuning).
 
-        Random weights are created directly on their shardings (jit with out_shardings), so
-        no device ever holds the whole model.
+        Random weights are created directly on their shardings (a jit with out_shardings),
+        and given ones are placed shard by shard, so no device holds the whole model.
+
+        Args:
+          seed: the initialisation seed (default tc.seed); ignored when `params` is given.
+          params: a nested dict of arrays (numpy or jax, any dtype and placement) in the
+            model's layout, e.g. from a converted checkpoint.
+        Returns:
+          The parameters as a nested dict of float32 jax Arrays.
+        Raises:
+          LlamaError: `params` does not have the model config's names and shapes.
         """
         if params is not None:
             want = jax.tree.map(lambda a: (a.shape,), self.abstract_params)
@@ -290,8 +299,10 @@ class Trainer:
                     "The initial weights do not match the model config "
                     f"{self.cfg.name!r}; fine-tune with the config they were saved with."
                 )
-            cast = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-            return cast if self.mesh is None else jax.device_put(cast, self.param_shardings)
+            if self.mesh is not None:
+                params = jax.device_put(params, self.param_shardings)
+            to_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+            return jax.jit(to_f32, out_shardings=self.param_shardings)(params)
 
         seed = self.tc.seed if seed is None else seed
         make = lambda: nnx.to_pure_dict(
@@ -304,19 +315,42 @@ class Trainer:
         return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
 
     def put_batch(self, batch: dict[str, np.ndarray], sharding=None) -> dict[str, jax.Array]:
-        """This host's rows of a global batch, as global arrays split over data x fsdp."""
+        """This host's rows of a global batch, as global arrays split over data x fsdp.
+
+        Args:
+          batch: {"tokens", "targets", "weights"} numpy arrays, [M, b, T] (this host's b
+            rows of every micro-batch, from `TokenDataset.batch`).
+          sharding: the sharding of the global arrays (default: the train batch's).
+        Returns:
+          The same dict of jax Arrays spanning every host.
+        """
         sharding = sharding or self.batch_sharding
         if sharding is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     def step(self, params, opt_state, batch: dict[str, jax.Array]):
-        """Run one update (params and opt_state are donated: use the returned ones)."""
+        """Run one update; params and opt_state are donated, so use the returned ones.
+
+        Args:
+          params, opt_state: the current state (from init_params / init_opt_state).
+          batch: the global batch from `put_batch`.
+        Returns:
+          (params, opt_state, {"loss", "grad_norm"} as device scalars).
+        """
         with self._in_mesh():
             return self._step(params, opt_state, batch)
 
     def evaluate(self, params, dataset: TokenDataset, seed: int = 0) -> float:
-        """Mean loss over `eval_batches` fixed batches of `dataset` (the same rows each time)."""
+        """Mean loss over `eval_batches` fixed batches of `dataset` (the same rows each time).
+
+        Args:
+          params: the parameters.
+          dataset: held-out rows.
+          seed: picks the rows (fixed, so evaluations are comparable across steps).
+        Returns:
+          The weighted mean cross-entropy in nats per token, a Python float.
+        """
         sharding = None
         if self.mesh is not None:
             sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
@@ -331,7 +365,14 @@ class Trainer:
         return total / max(weight, 1.0)
 
     def model(self, params: dict, remat: str = "none") -> Transformer:
-        """An nnx Transformer holding `params` (for generation or saving)."""
+        """An nnx Transformer holding `params` (for generation or saving).
+
+        Args:
+          params: parameters from training (they are shared, not copied).
+          remat: the returned model's rematerialisation policy (none for inference).
+        Returns:
+          The Transformer; its config has float32 weights and tc.compute_dtype matmuls.
+        """
         model = nnx.merge(self.graphdef, params)
         model.remat = remat
         return model
