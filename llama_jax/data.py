@@ -363,6 +363,13 @@ class TokenDataset:
         """Rows of global samples start .. start + count - 1 of a run with this seed.
 
         Each epoch visits every row once, in an order drawn from (seed, epoch) alone.
+
+        Args:
+          start: index of the first sample (step * batch size).
+          count: number of samples.
+          seed: data-order seed.
+        Returns:
+          [count] int64 row indices.
         """
         R = len(self)
         g = np.arange(start, start + count)

@@ -67,7 +67,14 @@ def stdlib_corpus(max_bytes: int = 3_000_000, root: str | None = None) -> list[P
 
 
 def model_config(vocab_size: int, seq_len: int) -> LlamaConfig:
-    """The quickstart's model: 4 layers of width 256, GQA 8/4 heads, ~4M parameters."""
+    """The quickstart's model: 4 layers of width 256, GQA 8/4 heads, ~4M parameters.
+
+    Args:
+      vocab_size: the tokenizer's size.
+      seq_len: the training sequence length (the context is at least 256).
+    Returns:
+      The LlamaConfig.
+    """
     return LlamaConfig(
         name="quickstart", dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=vocab_size,
         ffn_dim=704, max_seq_len=max(256, seq_len), norm_eps=1e-5,
@@ -94,7 +101,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
-    """Draw training and held-out loss against step from a metrics.jsonl file."""
+    """Draw training and held-out loss against step from a metrics.jsonl file.
+
+    Args:
+      metrics_path: a metrics.jsonl written by `llama_jax.train.train`.
+      png_path: the PNG to write.
+      title: the figure's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
