@@ -84,8 +84,8 @@ MUST_SPLIT = {"heads": "n_heads", "mlp": "ffn_hidden_dim", "embed": "dim"}
 
 # Logical axes of the KV cache's fields (attention.KVCache) and of a batch of tokens.
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("layers", "batch", "length", "act_kv_heads", None),
-    "v": ("layers", "batch", "length", "act_kv_heads", None),
+    "k": ("layers", "batch", "act_kv_heads", "length", None),  # [L, B, K, S, H]
+    "v": ("layers", "batch", "act_kv_heads", "length", None),
     "valid": ("batch", "length"),
     "index": (),
 }
