@@ -631,11 +631,12 @@ def plot_ratios(res: Results, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
     names = [r["figure"] for r in rows][::-1]
     vals = [r["ratio"] for r in rows][::-1]
-    colors = ["tab:green" if v >= 1 else "tab:red" for v in vals]
+    better = [(r["ratio"] >= 1) == r["higher_is_better"] for r in rows][::-1]
+    colors = ["tab:green" if ok else "tab:red" for ok in better]
     ax.barh(names, vals, color=colors)
     ax.axvline(1.0, color="k", lw=1)
     ax.set_xscale("log")
-    ax.set_xlabel("llama-jax / transformers (same machine, same run; > 1 is faster)")
+    ax.set_xlabel("llama-jax / transformers, same run (green: llama-jax better)")
     ax.set_title(res.info.get("title", "llama-jax vs transformers"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
