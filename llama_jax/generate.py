@@ -62,7 +62,7 @@ class DecodeState:
     """Everything the decode loop carries, all static shapes.
 
     Attributes:
-      cache: the KVCache, [L, B, S, K, H].
+      cache: the KVCache, [L, B, K, S, H].
       token: [B] the latest token of each row, fed at the next step.
       position: [B] its rotary position.
       done: [B] rows that have stopped (they keep computing, their output is ignored).
