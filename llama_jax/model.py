@@ -221,13 +221,15 @@ def build_model(cfg: LlamaConfig, seed: int = 0, *, mesh=None, remat: str = "non
       The Transformer.
     """
     mesh = sharding.make_mesh(mesh)
-    if mesh is None:
-        return Transformer(cfg, rngs=nnx.Rngs(seed), remat=remat)
-    sharding.validate(cfg, mesh)
     create = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), remat=remat)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = sharding.param_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    # One jitted initialiser rather than one small eager program per parameter.
+    if mesh is None:
+        state = jax.jit(lambda: nnx.split(create())[1])()
+    else:
+        sharding.validate(cfg, mesh)
+        shardings = sharding.param_shardings(abstract_state, mesh)
+        state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
