@@ -221,6 +221,10 @@ class Trainer:
     def __init__(self, cfg: LlamaConfig, tc: TrainConfig, mesh=None):
         self.cfg = training_config(cfg, tc)
         self.tc = tc
+        # The trainer owns its arrays from creation on, so it runs on Auto axes whatever
+        # the mesh's types: with JAX's default Explicit axes the cross-entropy's gather
+        # from vocab-split logits has no unambiguous output sharding.
+        mesh = None if mesh is None else sharding.auto_mesh(mesh)
         self.mesh = mesh
         self.tx = make_optimizer(tc)
         self.schedule = learning_rate_schedule(tc)

@@ -133,9 +133,13 @@ def single_device_steps():
     return jax.device_get(two_steps(None))
 
 
-@pytest.mark.parametrize("mesh_spec", ["fsdp", "tp", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.parametrize("mesh_spec", ["fsdp", "tp", "data=2,fsdp=2,tensor=2", "jax.make_mesh"])
 def test_sharded_train_step_matches_single_device(mesh_spec, single_device_steps):
-    p, losses = two_steps(make_mesh(mesh_spec))
+    if mesh_spec == "jax.make_mesh":  # a plain mesh with JAX's default (Explicit) axes
+        mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"))
+    else:
+        mesh = make_mesh(mesh_spec)
+    p, losses = two_steps(mesh)
     results = {"mesh": (jax.device_get(p), losses), "single": single_device_steps}
     if mesh_spec == "fsdp":  # the weights really are split
         assert len(p["layers"]["feed_forward"]["w1"].sharding.device_set) == 8
