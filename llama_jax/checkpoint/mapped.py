@@ -14,6 +14,8 @@ import mmap
 
 import numpy as np
 
+from llama_jax.errors import LlamaError
+
 CHUNK_BYTES = 16 * 2**20
 
 
@@ -50,6 +52,37 @@ def copy_into(path: str, start: int, dtype: np.dtype, out: np.ndarray) -> None:
                 del src
             finally:
                 mm.close()
+
+
+class MappedTensor:
+    """A tensor stored in a file: shape and dtype now, bytes on `read()`.
+
+    Subclasses (safetensors entries, `.pth` storages) set `path`, `shape` and `dtype` and
+    implement `read_into`.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensor."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        """The tensor as a new C-contiguous numpy array."""
+        out = np.empty(self.shape, self.dtype)
+        self.read_into(out)
+        return out
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Copy the tensor into `out` (same number of elements, any strides and dtype)."""
+        raise NotImplementedError
+
+    def _check_size(self, out: np.ndarray) -> None:
+        if out.size != int(np.prod(self.shape, dtype=np.int64)):
+            raise LlamaError(f"{self.path}: cannot read shape {self.shape} into {out.shape}.")
 
 
 def release_freed_memory() -> None:

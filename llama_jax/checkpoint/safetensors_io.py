@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import ml_dtypes
 import numpy as np
 
-from llama_jax.checkpoint.mapped import copy_into
+from llama_jax.checkpoint.mapped import MappedTensor, copy_into
 from llama_jax.errors import LlamaError
 
 DTYPES: dict[str, np.dtype] = {
@@ -38,26 +38,15 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
-class SafeTensor:
+class SafeTensor(MappedTensor):
     """One tensor of a safetensors file: metadata now, bytes on `read()`."""
 
     def __init__(self, path: str, start: int, dtype: np.dtype, shape: tuple[int, ...]):
         self.path, self.start, self.dtype, self.shape = path, start, dtype, shape
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def read(self) -> np.ndarray:
-        """The tensor as a new numpy array."""
-        out = np.empty(self.shape, self.dtype)
-        self.read_into(out)
-        return out
-
     def read_into(self, out: np.ndarray) -> None:
         """Copy the tensor into `out` (same number of elements, any strides and dtype)."""
-        if out.size != int(np.prod(self.shape, dtype=np.int64)):
-            raise LlamaError(f"{self.path}: cannot read shape {self.shape} into {out.shape}.")
+        self._check_size(out)
         copy_into(self.path, self.start, self.dtype, out)
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from llama_jax.checkpoint.mapped import copy_into
+from llama_jax.checkpoint.mapped import MappedTensor, copy_into
 from llama_jax.errors import LlamaError
 
 # torch storage class names -> numpy dtypes (bfloat16 through ml_dtypes, bit-exact).
@@ -69,7 +69,7 @@ class _StorageRef:
     numel: int
 
 
-class LazyTensor:
+class LazyTensor(MappedTensor):
     """A tensor inside a `.pth` archive: metadata now, bytes on `read()`."""
 
     def __init__(self, path: str, member: zipfile.ZipInfo, data_offset: int, storage: _StorageRef,
@@ -83,24 +83,13 @@ class LazyTensor:
         self.stride = tuple(int(s) for s in stride)
         self.dtype = storage.dtype
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def read(self) -> np.ndarray:
-        """The tensor as a new C-contiguous numpy array."""
-        out = np.empty(self.shape, self.dtype)
-        self.read_into(out)
-        return out
-
     def read_into(self, out: np.ndarray) -> None:
         """Copy the tensor into `out` (same number of elements, any strides and dtype).
 
         The bytes are memory-mapped a slice at a time, so the file's pages never all
         sit in memory; the dtype is cast while copying.
         """
-        if out.size != int(np.prod(self.shape, dtype=np.int64)):
-            raise LlamaError(f"{self.path}: cannot read shape {self.shape} into {out.shape}.")
+        self._check_size(out)
         contiguous = tuple(self.stride) == tuple(
             int(np.prod(self.shape[i + 1 :], dtype=np.int64)) for i in range(len(self.shape))
         )
