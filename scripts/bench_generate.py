@@ -4,10 +4,12 @@
     .venv/bin/python scripts/bench_generate.py --preset tiny --batches 1 2 --no-write
 
 Both sides get the same random weights (transformers' LlamaForCausalLM, converted with
-the checkpoint layout code) in float32, the same left-padded prompts, and greedy decoding
-without stop tokens, and are measured the same way, end to end through their public
-`generate`: prefill tokens/s from a call that makes 1 new token (B * T / time), decode
-tokens/s from the extra time of a call that makes N + 1 (B * N / (time(N+1) - time(1))).
+the checkpoint layout code) in float32, ours with per-layer arrays
+(`model.unstack_layers`, as `llama-jax generate` and `chat` use it), the same
+left-padded prompts, and greedy decoding without stop tokens, and are measured the same
+way, end to end through their public `generate`: prefill tokens/s from a call that makes
+1 new token (B * T / time), decode tokens/s from the extra time of a call that makes
+N + 1 (B * N / (time(N+1) - time(1))).
 Each call runs once untimed first (llama-jax compiles there; its compile time is
 reported apart), then the best of `--repeats` is kept.
 
@@ -38,7 +40,7 @@ from flax import nnx  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
 from llama_jax.checkpoint.layout import params_from_hf  # noqa: E402
-from llama_jax.model import set_params  # noqa: E402
+from llama_jax.model import set_params, unstack_layers  # noqa: E402
 
 
 def make_models(cfg: lj.LlamaConfig, seed: int = 0):
@@ -47,7 +49,9 @@ def make_models(cfg: lj.LlamaConfig, seed: int = 0):
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).float().eval()
     hf.generation_config.eos_token_id = None
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    ours = set_params(lj.Transformer(cfg, rngs=nnx.Rngs(0)), params_from_hf(state, cfg))
+    ours = unstack_layers(
+        set_params(lj.Transformer(cfg, rngs=nnx.Rngs(0)), params_from_hf(state, cfg))
+    )
     return hf, ours
 
 
@@ -154,7 +158,8 @@ def write_results(rows, args, desc: str, agree: bool) -> None:
         "",
         f"`python scripts/bench_generate.py` ({date}): `{args.preset}` in float32, greedy, "
         f"prompts of up to {args.prompt_len} tokens (left-padded), {args.new_tokens} new "
-        "tokens, both sides through their public `generate`, best of "
+        "tokens, both sides through their public `generate` (ours on `unstack_layers(model)`, "
+        "as the `generate` command runs it), best of "
         f"{args.repeats}. Machine: {desc}, {os.getloadavg()[0]:.1f} at the end.",
         "",
         "![generation speed](bench_generate.png)",
