@@ -6,10 +6,7 @@ this process then checks the result bit for bit and the logits.
 """
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -19,39 +16,16 @@ from flax import nnx
 
 import llama_jax as lj
 from llama_jax.checkpoint import save
+from tests.multihost_launch import run_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128,
                      max_seq_len=64)  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two(argv_of, timeout: float = 150.0) -> list[str]:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # fmt: skip
-    port = free_port()
-    procs = [subprocess.Popen(argv_of(i, port), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        logs = [p.communicate()[0] for p in procs]
-    codes = [p.returncode for p in procs]
-    assert codes == [0, 0], "\n".join(f"--- process {i}\n{log[-3000:]}" for i, log in
-                                      enumerate(logs))  # fmt: skip
-    return logs
+    """Two processes with 4 CPU devices each (see multihost_launch)."""
+    return run_processes(argv_of, 2, 4, timeout)
 
 
 def params_of(model) -> dict:

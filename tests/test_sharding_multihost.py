@@ -4,11 +4,7 @@ tests/multihost_worker.py is the program each process runs; this file starts bot
 and compares what they computed with the single-process, single-device model.
 """
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -18,6 +14,7 @@ from flax import nnx
 
 import llama_jax as lj
 from llama_jax import sharding
+from tests import multihost_launch
 
 CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128,
                      max_seq_len=64)  # fmt: skip
@@ -44,56 +41,9 @@ def host_weights() -> dict:
     return jax.tree.map(lambda a: 0.05 * rng.standard_normal(a.shape, np.float32), abstract)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_processes(argv_of, timeout: float = 150.0) -> list[str]:
-    """Start PROCESSES copies of a program, wait for all, kill every one on failure.
-
-    Args:
-      argv_of: maps (process id, coordinator port) to that process's command line.
-      timeout: seconds before the survivors are killed.
-    Returns:
-      Each process's output; asserts that every one exited 0.
-    """
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_EACH}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(ROOT),
-    }
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            argv_of(i, port),
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(PROCESSES)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        logs = [p.communicate()[0] for p in procs]
-    codes = [p.returncode for p in procs]
-    report = "\n".join(f"--- process {i} (exit {c})\n{log[-3000:]}" for i, (c, log) in
-                       enumerate(zip(codes, logs, strict=True)))  # fmt: skip
-    assert codes == [0] * PROCESSES, report
-    return logs
+    """Run PROCESSES copies of a program with DEVICES_EACH devices each (see multihost_launch)."""
+    return multihost_launch.run_processes(argv_of, PROCESSES, DEVICES_EACH, timeout)
 
 
 def test_two_processes_match_one(tmp_path):
