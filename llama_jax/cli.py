@@ -2,7 +2,7 @@
 
 Each subcommand lives in the module that does the work and provides two functions,
 `add_arguments(parser)` and `run(args)`; this file only lists them, and imports just the
-module of the command being run, so `llama-jax --help` starts without importing JAX.
+module of the command being run to build its flags.
 """
 
 from __future__ import annotations
