@@ -32,39 +32,74 @@ class KVCache:
     row. Rows of a batch may hold prompts of different lengths: prompts are left-padded
     and the padding slots are marked invalid, so they are never attended to.
 
+    The keys and values come in one of two forms, matching the model's layers:
+
+    - stacked, one [L, B, K, S, H] array each, for the layer scan (layers stacked, as
+      built or loaded): the scan carries the cache and updates each layer's slots in
+      place;
+    - per layer, a tuple of L arrays [B, K, S, H] each, for a model whose blocks are
+      separate (`model.unstack_layers`): each layer reads its own keys in place. With a
+      stacked cache such a model would have XLA copy every layer's [B, K, S, H] slice out
+      of the stack on every step, which at batch 32 cost as much as the weights.
+
+    `Transformer.init_cache` picks the form that suits the model.
+
     Attributes:
-      k, v: [L, B, K, S, H] keys (already rotated) and values. Slots S come after the KV
-        heads K so that each head's keys are contiguous: the attention products then read
-        the cache in place (with [.., S, K, H] XLA transposed the cache of every layer on
-        every decode step, which dominated decode time at batch 8 and more on CPU).
+      k, v: keys (already rotated) and values, [L, B, K, S, H] or L x [B, K, S, H]. Slots
+        S come after the KV heads K so that each head's keys are contiguous: the
+        attention products then read the cache in place (with [.., S, K, H] XLA
+        transposed the cache of every layer on every decode step).
       valid: [B, S] bool, True where a slot holds a real token.
       index: int32 scalar, the number of slots written so far.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @property
     def max_len(self) -> int:
         """S, the number of slots."""
-        return self.k.shape[3]
+        return self.valid.shape[1]
+
+    @property
+    def per_layer(self) -> bool:
+        """True when k and v are tuples of per-layer arrays rather than [L, ...] stacks."""
+        return isinstance(self.k, (tuple, list))
 
     @classmethod
-    def create(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None):
+    def create(
+        cls,
+        cfg: LlamaConfig,
+        batch: int,
+        max_len: int,
+        dtype: str | None = None,
+        *,
+        per_layer: bool = False,
+    ):
         """An empty cache for `batch` rows of up to `max_len` tokens each.
 
         Memory: 2 * L * B * S * K * H elements, e.g. 128 KiB per token for Llama 3 8B in
         bfloat16 (GQA's 8 KV heads instead of 32 make it four times smaller).
+
+        Args:
+          cfg: the model's configuration.
+          batch: B, the number of rows.
+          max_len: S, the number of slots (prompt plus generated tokens).
+          dtype: the cache's dtype; default the model's compute dtype.
+          per_layer: L separate arrays instead of one stack (see the class docstring).
         """
         dt = dtype_of(dtype or cfg.dtype)
-        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+            v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+        else:
+            k = jnp.zeros((cfg.n_layers, *shape), dt)
+            v = jnp.zeros((cfg.n_layers, *shape), dt)
         return cls(
-            k=jnp.zeros(shape, dt),
-            v=jnp.zeros(shape, dt),
-            valid=jnp.zeros((batch, max_len), bool),
-            index=jnp.zeros((), jnp.int32),
+            k=k, v=v, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32)
         )
 
 
@@ -167,9 +202,10 @@ class Attention(nnx.Module):
           inv_freq: [H/2] rotary inverse frequencies.
           mask: [B, T, S] bool, True where query t may attend to key s; None for plain
             causal attention (no cache, no padding).
-          kv: optional (k_cache [L, B, K, S, H], v_cache, layer, index): the whole cache,
-            this layer's number and the first free slot. The new keys and values are
-            written in place at [layer, :, index : index + T].
+          kv: optional (k_cache, v_cache, layer, index): either the whole stacked cache
+            [L, B, K, S, H] and this layer's number, or this layer's own [B, K, S, H]
+            arrays and None; then the first free slot. The new keys and values are
+            written in place at slots index .. index + T - 1.
         Returns:
           ([B, T, D] output, the updated (k_cache, v_cache) or None).
         """
@@ -186,13 +222,19 @@ class Attention(nnx.Module):
         if kv is not None:
             k_cache, v_cache, layer, index = kv
             zero = jnp.zeros((), jnp.int32)
-            start = (layer.astype(jnp.int32), zero, zero, index.astype(jnp.int32), zero)
-            k_new = k.transpose(0, 2, 1, 3)[None].astype(k_cache.dtype)  # [1, B, K, T, H]
-            v_new = v.transpose(0, 2, 1, 3)[None].astype(v_cache.dtype)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, start)
+            start = (zero, zero, index.astype(jnp.int32), zero)
+            k_new = k.transpose(0, 2, 1, 3).astype(k_cache.dtype)  # [B, K, T, H]
+            v_new = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)
+            if layer is None:  # this layer's own arrays
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, start)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, start)
+                k, v = k_cache, v_cache  # [B, K, S, H]
+            else:  # the stack of every layer
+                start = (layer.astype(jnp.int32), *start)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None], start)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None], start)
+                k, v = k_cache[layer], v_cache[layer]  # [B, K, S, H]
             new_kv = (k_cache, v_cache)
-            k, v = k_cache[layer], v_cache[layer]  # [B, K, S, H]
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S = T, H]
 

@@ -62,7 +62,7 @@ class DecodeState:
     """Everything the decode loop carries, all static shapes.
 
     Attributes:
-      cache: the KVCache, [L, B, K, S, H].
+      cache: the KVCache (see Transformer.init_cache for its form).
       token: [B] the latest token of each row, fed at the next step.
       position: [B] its rotary position.
       done: [B] rows that have stopped (they keep computing, their output is ignored).
@@ -116,7 +116,7 @@ def _prefill(graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_le
     B, P = tokens.shape
     # Left padding: each row's positions count its real tokens only.
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
-    cache = KVCache.create(model.cfg, B, cache_len)
+    cache = model.init_cache(B, cache_len)
     if P > 1:
         # All but the last token: only the cache is kept, so XLA drops the [B, P, V]
         # logits and the output projection with them.

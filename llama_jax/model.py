@@ -87,6 +87,21 @@ class Transformer(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.output = nnx.Param(init(rngs.params(), (cfg.dim, cfg.vocab_size), pdt))
 
+    def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+        """An empty KVCache in the form that suits this model's layers.
+
+        Stacked [L, B, K, S, H] arrays for the layer scan; per-layer arrays when the blocks
+        are separate (after `unstack_layers`). Either form works with either model, the
+        other one at the price of extra copies on every call.
+
+        Args:
+          batch: B, the number of rows.
+          max_len: S, the number of slots (prompt plus generated tokens).
+          dtype: the cache's dtype; default the compute dtype `cfg.dtype`.
+        """
+        per_layer = isinstance(self.layers, nnx.List)
+        return KVCache.create(self.cfg, batch, max_len, dtype, per_layer=per_layer)
+
     def output_matrix(self) -> jax.Array:
         """[D, V]: the output projection, or the token embedding transposed when tied."""
         if self.cfg.tie_word_embeddings:
@@ -163,14 +178,25 @@ class Transformer(nnx.Module):
         caches = (None, None) if cache is None else (cache.k, cache.v)
         if isinstance(self.layers, nnx.List):  # separate blocks: see unstack_layers
             k_cache, v_cache = caches
+            if cache is not None and cache.per_layer:
+                k_cache, v_cache = list(k_cache), list(v_cache)
             for layer, block in enumerate(self.layers):
-                index = jnp.asarray(layer, jnp.int32)
-                kv = None if cache is None else (k_cache, v_cache, index, start)
-                h, kv = block(h, positions, inv_freq, mask, kv)
-                if kv is not None:
-                    k_cache, v_cache = kv
+                if cache is None:
+                    h, _ = block(h, positions, inv_freq, mask)
+                elif cache.per_layer:  # each layer's own arrays, read and written in place
+                    kv = (k_cache[layer], v_cache[layer], None, start)
+                    h, (k_cache[layer], v_cache[layer]) = block(h, positions, inv_freq, mask, kv)
+                else:
+                    kv = (k_cache, v_cache, jnp.asarray(layer, jnp.int32), start)
+                    h, (k_cache, v_cache) = block(h, positions, inv_freq, mask, kv)
+            if cache is not None and cache.per_layer:
+                k_cache, v_cache = tuple(k_cache), tuple(v_cache)
             return self._finish(h, cache, k_cache, v_cache, key_valid, start, T)
 
+        if cache is not None and cache.per_layer:
+            # The scan carries one stacked cache: stack here, split again at the end (two
+            # extra copies of the cache per call; init_cache gives this model a stack).
+            caches = (jnp.stack(cache.k), jnp.stack(cache.v))
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, xs):
@@ -188,6 +214,8 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         (h, k_cache, v_cache), _ = jax.lax.scan(body, (h, *caches), (layer_state, layer_ids))
+        if cache is not None and cache.per_layer:
+            k_cache, v_cache = tuple(k_cache), tuple(v_cache)  # iterating splits the stack
         return self._finish(h, cache, k_cache, v_cache, key_valid, start, T)
 
     def _finish(self, h, cache, k_cache, v_cache, key_valid, start, T):

@@ -84,7 +84,8 @@ MUST_SPLIT = {"heads": "n_heads", "mlp": "ffn_hidden_dim", "embed": "dim"}
 
 # Logical axes of the KV cache's fields (attention.KVCache) and of a batch of tokens.
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("layers", "batch", "act_kv_heads", "length", None),  # [L, B, K, S, H]
+    # [L, B, K, S, H]; a per-layer cache's [B, K, S, H] arrays take the same axes less "layers"
+    "k": ("layers", "batch", "act_kv_heads", "length", None),
     "v": ("layers", "batch", "act_kv_heads", "length", None),
     "valid": ("batch", "length"),
     "index": (),
@@ -498,12 +499,14 @@ def cache_shardings(cache, mesh: Mesh):
     Returns:
       A KVCache holding a NamedSharding per field (a jit's in/out_shardings for it).
     """
-    return type(cache)(
-        **{
-            name: logical_sharding(mesh, axes, getattr(cache, name).shape)
-            for name, axes in CACHE_AXES.items()
-        }
-    )
+    fields = {}
+    for name, axes in CACHE_AXES.items():
+        value = getattr(cache, name)
+        if isinstance(value, (tuple, list)):  # per-layer arrays: the same axes less "layers"
+            fields[name] = tuple(logical_sharding(mesh, axes[1:], x.shape) for x in value)
+        else:
+            fields[name] = logical_sharding(mesh, axes, value.shape)
+    return type(cache)(**fields)
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

@@ -50,7 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from llama_jax.attention import KVCache, attention_implementation  # noqa: E402
+from llama_jax.attention import attention_implementation  # noqa: E402
 from llama_jax.config import LlamaConfig, get_preset  # noqa: E402
 from llama_jax.model import build_model, set_params, unstack_layers  # noqa: E402
 
@@ -294,7 +294,7 @@ def time_decode_pair(cfg, hf, ours, batch, prompt, steps, repeats):
     state, prefill, step = our_decoder(ours, cache_len)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (batch, prompt))
     jt, tt = jnp.asarray(tokens, jnp.int32), torch.tensor(tokens)
-    cache = KVCache.create(cfg, batch, cache_len)
+    cache = ours.init_cache(batch, cache_len)
     t0 = time.perf_counter()
     step_c = step.lower(state, jnp.zeros((batch,), jnp.int32), cache).compile()
     compile_s = time.perf_counter() - t0
@@ -553,7 +553,7 @@ def gpu_suite(args) -> int:
             prompt, steps = 128, 64
             state, prefill, step = our_decoder(model, prompt + steps + 1)
             loop = decode_loop(model)
-            cache = KVCache.create(cfg, batch, prompt + 3 * steps + 1)
+            cache = model.init_cache(batch, prompt + 3 * steps + 1)
             tokens = jax.random.randint(jax.random.key(2), (batch, prompt), 0, cfg.vocab_size)
             tok, cache = prefill(state, tokens, cache)
             if how == "loop":  # the steps in one on-device loop, as llama_jax.generate runs

@@ -20,7 +20,7 @@ from llama_jax.generate import (
     generate_stream,
     generate_text,
 )
-from llama_jax.model import set_params
+from llama_jax.model import set_params, unstack_layers
 from llama_jax.tokenizer import train_sentencepiece
 from tests.hf_oracle import hf_params, make_hf_model
 
@@ -199,6 +199,8 @@ def test_sharded_decode_matches_one_device(hf_and_ours, axis_types):
     wq = sharded.layers.attention.wq[...]
     assert len(wq.sharding.device_set) == 8 and wq.addressable_shards[0].data.shape[2] == 1
     assert generate(sharded, prompts, 10) == want
+    # Separate blocks with a per-layer cache, as the generate command runs them.
+    assert generate(unstack_layers(sharded), prompts, 10) == want
 
 
 # -- text level ---------------------------------------------------------------------------------

@@ -43,8 +43,9 @@ def test_unstacked_model_matches_stacked_and_transformers():
     assert stacked.layers.attention.wq[...].shape[0] == CFG.n_layers
 
 
+@pytest.mark.parametrize("cache_form", ["stacked", "per_layer"])
 @pytest.mark.parametrize("layers", ["stacked", "unstacked"])
-def test_cached_decode_matches_full_forward(layers):
+def test_cached_decode_matches_full_forward(layers, cache_form):
     model = build_model(CFG, seed=1)
     full = model(jnp.asarray(np.arange(10)[None] % CFG.vocab_size, jnp.int32))
     if layers == "unstacked":
@@ -57,7 +58,8 @@ def test_cached_decode_matches_full_forward(layers):
     def step(state, tok, cache):
         return nnx.merge(graphdef, state)(tok, cache=cache)
 
-    cache = KVCache.create(CFG, 1, 16)
+    # Either cache form works with either model (init_cache picks the one that suits it).
+    cache = KVCache.create(CFG, 1, 16, per_layer=cache_form == "per_layer")
     logits, cache = step(state, tokens[:, :6], cache)  # prefill 6 tokens
     outs = [logits]
     for t in range(6, 10):  # then one token at a time
@@ -66,6 +68,30 @@ def test_cached_decode_matches_full_forward(layers):
     got = jnp.concatenate(outs, axis=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), rtol=0, atol=2e-5)
     assert int(cache.index) == 10
+    assert cache.per_layer == (cache_form == "per_layer")
+
+
+def test_init_cache_form_follows_the_layers():
+    stacked = build_model(CFG, seed=1)
+    cache = stacked.init_cache(2, 8)
+    assert not cache.per_layer and cache.k.shape == (3, 2, 2, 8, 16)
+    cache = unstack_layers(stacked).init_cache(2, 8, dtype="bfloat16")
+    assert cache.per_layer and len(cache.k) == len(cache.v) == CFG.n_layers
+    forms = {(x.shape, x.dtype) for x in cache.k + cache.v}
+    assert forms == {((2, 2, 8, 16), jnp.dtype(jnp.bfloat16))}
+    assert cache.max_len == 8
+
+
+def test_per_layer_cache_is_updated_in_place():
+    # Donating the cache must let XLA write the new keys into the same buffers: a decode
+    # step that copied each layer's cache would read and write it all on every token.
+    model = unstack_layers(build_model(CFG, seed=1))
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c), donate_argnums=2)
+    cache = model.init_cache(1, 16)
+    before = [x.unsafe_buffer_pointer() for x in cache.k + cache.v]
+    _, cache = step(state, jnp.ones((1, 1), jnp.int32), cache)
+    assert [x.unsafe_buffer_pointer() for x in cache.k + cache.v] == before
 
 
 def test_benchmark_smoke_run_reports_ratios(tmp_path):
