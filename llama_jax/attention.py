@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.config import LlamaConfig
-from llama_jax.layers import INIT_STD, apply_rope, dtype_of
+from llama_jax.layers import INIT_STD, apply_rope, dense, dtype_of, on_cpu
 from llama_jax.sharding import constrain
 
 
@@ -87,10 +87,12 @@ class KVCache:
           cfg: the model's configuration.
           batch: B, the number of rows.
           max_len: S, the number of slots (prompt plus generated tokens).
-          dtype: the cache's dtype; default the model's compute dtype.
+          dtype: the cache's dtype; default the dtype attention computes in
+            (`attention_dtype`: the model's compute dtype, but float32 for a bfloat16
+            model on the CPU).
           per_layer: L separate arrays instead of one stack (see the class docstring).
         """
-        dt = dtype_of(dtype or cfg.dtype)
+        dt = dtype_of(dtype) if dtype else attention_dtype(cfg.dtype)
         shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
         if per_layer:
             k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
@@ -169,8 +171,20 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
     """
     B, T, D = x.shape
     _, N, H = w.shape
-    y = jnp.dot(x.reshape(B * T, D), w.reshape(D, N * H))  # [B*T, N*H]
+    y = dense(x.reshape(B * T, D), w.reshape(D, N * H))  # [B*T, N*H]
     return y.reshape(B, T, N, H)
+
+
+def attention_dtype(dtype) -> jnp.dtype:
+    """The dtype attention computes in for a model computing in `dtype`.
+
+    On the CPU bfloat16 attention runs in float32: XLA's CPU backend has no fast bfloat16
+    kernel for the batched score and value products of attention (they ran 6x slower than
+    float32 at batch 8), and converting a bfloat16 cache costs as much as reading it.
+    Elsewhere attention runs in the model's dtype (with float32 scores and softmax).
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 and on_cpu() else dtype
 
 
 class Attention(nnx.Module):
@@ -238,11 +252,12 @@ class Attention(nnx.Module):
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S = T, H]
 
-        out = attend(q, k.astype(dt), v.astype(dt), mask)  # [B, T, N, H]
+        adt = attention_dtype(dt)
+        out = attend(q.astype(adt), k.astype(adt), v.astype(adt), mask).astype(dt)  # [B,T,N,H]
         out = constrain(out, ("batch", "length", "act_heads", None))
         wo = self.wo[...].astype(dt)
         N, H = wo.shape[:2]
         # 'BTNH,NHD->BTD' as one [B*T, N*H] x [N*H, D] product: the reshapes are free, and
         # XLA's CPU backend otherwise transposes wo on every call.
-        y = jnp.dot(out.reshape(B * T, N * H), wo.reshape(N * H, D))  # [B*T, D]
+        y = dense(out.reshape(B * T, N * H), wo.reshape(N * H, D))  # [B*T, D]
         return y.reshape(B, T, D), new_kv

@@ -26,7 +26,7 @@ from flax import nnx
 from llama_jax import sharding
 from llama_jax.attention import Attention, KVCache
 from llama_jax.config import LlamaConfig
-from llama_jax.layers import INIT_STD, FeedForward, RMSNorm, dtype_of, rope_frequencies
+from llama_jax.layers import INIT_STD, FeedForward, RMSNorm, dense, dtype_of, rope_frequencies
 from llama_jax.sharding import constrain
 
 # Rematerialisation policies for the layer scan, by name (training trades compute for
@@ -97,7 +97,7 @@ class Transformer(nnx.Module):
         Args:
           batch: B, the number of rows.
           max_len: S, the number of slots (prompt plus generated tokens).
-          dtype: the cache's dtype; default the compute dtype `cfg.dtype`.
+          dtype: the cache's dtype; default as `KVCache.create`.
         """
         per_layer = isinstance(self.layers, nnx.List)
         return KVCache.create(self.cfg, batch, max_len, dtype, per_layer=per_layer)
@@ -221,12 +221,9 @@ class Transformer(nnx.Module):
     def _finish(self, h, cache, k_cache, v_cache, key_valid, start, T):
         """Final norm and output projection; the updated cache when there is one."""
         h = self.norm(h)
-        logits = jnp.einsum(
-            "BTD,DV->BTV",
-            h,
-            self.output_matrix().astype(dtype_of(self.cfg.dtype)),
-            preferred_element_type=jnp.float32,
-        )
+        B, _, D = h.shape
+        w = self.output_matrix().astype(dtype_of(self.cfg.dtype))
+        logits = dense(h.reshape(B * T, D), w, jnp.float32).reshape(B, T, -1)  # [B, T, V]
         logits = constrain(logits, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits
