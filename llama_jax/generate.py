@@ -35,7 +35,7 @@ from llama_jax.errors import LlamaError
 from llama_jax.sampling import SamplingParams, sample
 
 MIN_BUCKET = 16
-MIN_CACHE = 256
+MIN_CACHE = 128
 STOP_PAD = 8  # stop-id tables are padded to a multiple of this, to share compilations
 
 # Why a row finished.
@@ -86,9 +86,17 @@ def bucket_length(n: int, max_len: int, minimum: int = MIN_BUCKET) -> int:
 
 
 def default_cache_len(prompt_bucket: int, max_new_tokens: int, max_len: int) -> int:
-    """Slots for the prompt bucket plus the new tokens, rounded up to a power of two."""
-    need = prompt_bucket + max_new_tokens
-    return min(max(MIN_CACHE, 1 << (need - 1).bit_length()), max_len)
+    """Slots for the prompt bucket plus the new tokens, rounded up to the next size.
+
+    Sizes are powers of two and the midpoints between them (128, 192, 256, 384, 512, ...),
+    so at most a third of the slots go unused, while prompts and lengths that differ a
+    little still share one decode compilation. Attention reads every slot on every step:
+    at batch 32 a cache twice too long cost more than the weights.
+    """
+    need = max(prompt_bucket + max_new_tokens, MIN_CACHE)
+    power = 1 << (need - 1).bit_length()  # the power of two >= need
+    size = power * 3 // 4 if need <= power * 3 // 4 else power
+    return min(size, max_len)
 
 
 # -- the compiled pieces -------------------------------------------------------------------------
