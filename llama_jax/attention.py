@@ -162,16 +162,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
     return out.reshape(B, T, N, H)  # [B, T, N, H]
 
 
-def project(x: jax.Array, w: jax.Array) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
     """'BTD,DNH->BTNH' as one [B*T, D] x [D, N*H] matrix product.
 
     The reshapes of a row-major [D, N, H] weight are free, and a plain 2-D product is what
     XLA's CPU backend runs fastest: with the einsum it sometimes chooses to transpose the
-    weight on every call.
+    weight on every call. With `transposed` the weight is stored [N, H, D].
     """
     B, T, D = x.shape
-    _, N, H = w.shape
-    y = dense(x.reshape(B * T, D), w.reshape(D, N * H))  # [B*T, N*H]
+    N, H = w.shape[:2] if transposed else w.shape[1:]
+    w2 = w.reshape(N * H, D) if transposed else w.reshape(D, N * H)
+    y = dense(x.reshape(B * T, D), w2, transposed=transposed)  # [B*T, N*H]
     return y.reshape(B, T, N, H)
 
 
@@ -199,6 +200,18 @@ class Attention(nnx.Module):
         self.wk = nnx.Param(init(rngs.params(), (D, K, H), pdt))
         self.wv = nnx.Param(init(rngs.params(), (D, K, H), pdt))
         self.wo = nnx.Param(init(rngs.params(), (N, H, D), pdt))
+        # True when the matrices are stored output-first (wq/wk/wv [N, H, D], wo [D, N, H]):
+        # the inference layout that unstack_layers chooses for bfloat16 on the CPU.
+        self.transposed = False
+
+    def transpose_weights(self) -> None:
+        """Switch between input-first and output-first storage (see `transposed`)."""
+        for name in ("wq", "wk", "wv"):
+            axes = (1, 2, 0) if not self.transposed else (2, 0, 1)
+            setattr(self, name, nnx.Param(getattr(self, name)[...].transpose(axes)))
+        axes = (2, 0, 1) if not self.transposed else (1, 2, 0)
+        self.wo = nnx.Param(self.wo[...].transpose(axes))
+        self.transposed = not self.transposed
 
     def __call__(
         self,
@@ -223,11 +236,11 @@ class Attention(nnx.Module):
         Returns:
           ([B, T, D] output, the updated (k_cache, v_cache) or None).
         """
-        dt = self.dtype
+        dt, tr = self.dtype, self.transposed
         B, T, D = x.shape
-        q = project(x, self.wq[...].astype(dt))  # [B, T, N, H]
-        k = project(x, self.wk[...].astype(dt))  # [B, T, K, H]
-        v = project(x, self.wv[...].astype(dt))  # [B, T, K, H]
+        q = project(x, self.wq[...].astype(dt), tr)  # [B, T, N, H]
+        k = project(x, self.wk[...].astype(dt), tr)  # [B, T, K, H]
+        v = project(x, self.wv[...].astype(dt), tr)  # [B, T, K, H]
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -256,8 +269,9 @@ class Attention(nnx.Module):
         out = attend(q.astype(adt), k.astype(adt), v.astype(adt), mask).astype(dt)  # [B,T,N,H]
         out = constrain(out, ("batch", "length", "act_heads", None))
         wo = self.wo[...].astype(dt)
-        N, H = wo.shape[:2]
+        N, H = out.shape[2:]
         # 'BTNH,NHD->BTD' as one [B*T, N*H] x [N*H, D] product: the reshapes are free, and
         # XLA's CPU backend otherwise transposes wo on every call.
-        y = dense(out.reshape(B * T, N * H), wo.reshape(N * H, D))  # [B*T, D]
+        wo2 = wo.reshape(D, N * H) if tr else wo.reshape(N * H, D)
+        y = dense(out.reshape(B * T, N * H), wo2, transposed=tr)  # [B*T, D]
         return y.reshape(B, T, D), new_kv

@@ -28,7 +28,7 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, out_dtype=None, *, transposed: bool = False) -> jax.Array:
     """[M, K] x [K, N] -> [M, N], accumulated in float32, returned in `out_dtype` (x's dtype).
 
     On the CPU, bfloat16 products take XLA's fast path (XNNPACK's bfloat16 kernels, about
@@ -37,15 +37,32 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     bfloat16 decoding several times slower than float32. So there a single row is doubled
     and the result is computed in float32, then rounded: the same numbers as the plain
     product (which accumulates in float32 too), at bfloat16's speed.
+
+    Args:
+      x: [M, K].
+      w: [K, N], or [N, K] with `transposed` (see `inference_layout`).
+      out_dtype: the result's dtype; default x's.
+      transposed: w is stored output-first.
     """
     out_dtype = out_dtype or x.dtype
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
     if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and on_cpu():
         rows = x.shape[0]
         xx = jnp.concatenate([x, x]) if rows == 1 else x
-        return jnp.dot(xx, w, preferred_element_type=jnp.float32)[:rows].astype(out_dtype)
+        y = jax.lax.dot_general(xx, w, dims, preferred_element_type=jnp.float32)
+        return y[:rows].astype(out_dtype)
     if out_dtype == x.dtype:
-        return jnp.dot(x, w)
-    return jnp.dot(x, w, preferred_element_type=out_dtype).astype(out_dtype)
+        return jax.lax.dot_general(x, w, dims)
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype).astype(out_dtype)
+
+
+def inference_layout(param_dtype) -> bool:
+    """Whether `unstack_layers` stores matrices output-first ([out, in]) for inference.
+
+    On the CPU, XLA's bfloat16 products ran 15-20% faster with the weight's input axis
+    contiguous (contracting the minor axis of both operands); float32 ones ran slower.
+    """
+    return jnp.dtype(param_dtype) == jnp.bfloat16 and on_cpu()
 
 
 class RMSNorm(nnx.Module):
@@ -123,14 +140,23 @@ class FeedForward(nnx.Module):
         self.w1 = nnx.Param(init(rngs.params(), (D, F), pdt))
         self.w3 = nnx.Param(init(rngs.params(), (D, F), pdt))
         self.w2 = nnx.Param(init(rngs.params(), (F, D), pdt))
+        # True when the matrices are stored output-first (w1, w3 [F, D], w2 [D, F]): the
+        # inference layout that unstack_layers chooses for bfloat16 on the CPU.
+        self.transposed = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
+        dt, tr = self.dtype, self.transposed
         B, T, D = x.shape
         # 'BTD,DF->BTF' and 'BTF,FD->BTD' as [B*T, ...] matrix products (free reshapes).
         x2 = x.reshape(B * T, D)
-        gate = dense(x2, self.w1[...].astype(dt)).reshape(B, T, -1)
-        up = dense(x2, self.w3[...].astype(dt)).reshape(B, T, -1)
+        gate = dense(x2, self.w1[...].astype(dt), transposed=tr).reshape(B, T, -1)
+        up = dense(x2, self.w3[...].astype(dt), transposed=tr).reshape(B, T, -1)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        out = dense(hidden.reshape(B * T, -1), self.w2[...].astype(dt))
+        out = dense(hidden.reshape(B * T, -1), self.w2[...].astype(dt), transposed=tr)
         return out.reshape(B, T, D)
+
+    def transpose_weights(self) -> None:
+        """Switch between input-first and output-first storage (see `transposed`)."""
+        for name in ("w1", "w2", "w3"):
+            setattr(self, name, nnx.Param(getattr(self, name)[...].T))
+        self.transposed = not self.transposed

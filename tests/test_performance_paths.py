@@ -43,6 +43,33 @@ def test_unstacked_model_matches_stacked_and_transformers():
     assert stacked.layers.attention.wq[...].shape[0] == CFG.n_layers
 
 
+def test_bfloat16_inference_layout_matches_stacked():
+    # On the CPU, unstack_layers stores bfloat16 matrices output-first; the logits must
+    # not change beyond float32 summation order, with or without the cache.
+    cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16", tie_word_embeddings=False)
+    stacked = build_model(cfg, seed=2)
+    fast = unstack_layers(stacked)
+    assert fast.transposed and fast.layers[0].attention.transposed
+    D, N, H, F = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.ffn_hidden_dim
+    assert fast.layers[0].attention.wq[...].shape == (N, H, D)
+    assert fast.layers[0].attention.wo[...].shape == (D, N, H)
+    assert fast.layers[0].feed_forward.w2[...].shape == (D, F)
+    assert fast.output[...].shape == (cfg.vocab_size, D)
+    np.testing.assert_array_equal(fast.output_matrix(), stacked.output_matrix())
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    want = np.asarray(stacked(tokens), np.float32)
+    got = np.asarray(fast(tokens), np.float32)
+    assert np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want))
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+    # One token at a time through the per-layer cache gives the same last logits.
+    cache = fast.init_cache(2, 16)
+    _, cache = fast(tokens[:, :8], cache=cache)
+    step, cache = fast(tokens[:, 8:], cache=cache)
+    assert np.max(np.abs(np.asarray(step[:, 0], np.float32) - want[:, 8])) <= 0.02 * np.max(
+        np.abs(want)
+    )
+
+
 @pytest.mark.parametrize("cache_form", ["stacked", "per_layer"])
 @pytest.mark.parametrize("layers", ["stacked", "unstacked"])
 def test_cached_decode_matches_full_forward(layers, cache_form):
