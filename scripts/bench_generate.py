@@ -156,7 +156,8 @@ def write_results(rows, args, desc: str, agree: bool) -> None:
     lines = [
         "## Generation",
         "",
-        f"`python scripts/bench_generate.py` ({date}): `{args.preset}` in float32, greedy, "
+        f"`python scripts/bench_generate.py` ({date}; GLIBC_TUNABLES="
+        f"{os.environ.get('GLIBC_TUNABLES', 'unset')}): `{args.preset}` in float32, greedy, "
         f"prompts of up to {args.prompt_len} tokens (left-padded), {args.new_tokens} new "
         "tokens, both sides through their public `generate` (ours on `unstack_layers(model)`, "
         "as the `generate` command runs it), best of "

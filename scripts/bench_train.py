@@ -12,6 +12,9 @@ clipping at 1.0:
     PyTorch     transformers' LlamaForCausalLM + torch.optim.AdamW (fused where the
                 build has it), clip_grad_norm_, same dtype policy via autocast
 
+PyTorch runs in a child process with glibc's default malloc (the huge pages that
+`scripts/run.sh` enables for XLA slow it down), after llama-jax's steps.
+
 It prints tokens/s, seconds per step and MFU for each and the ratio. MFU counts the
 model's training FLOPs (3 x forward, `LlamaConfig.flops_per_token`) against the device
 peak from `train.peak_flops` (data-sheet numbers for accelerators; on CPU a measured
@@ -21,9 +24,12 @@ float32 matmul peak, so CPU MFU is relative to what this machine's BLAS achieves
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -103,12 +109,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--torch-only", action="store_true",
+                   help="time PyTorch alone, print its median as JSON")  # fmt: skip
     args = p.parse_args()
 
     cfg = get_preset(args.preset)
     tc = train.TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                            compute_dtype=args.dtype, learning_rate=1e-4)  # fmt: skip
     data = batches(cfg, args.batch_size, args.seq_len, args.warmup + args.steps)
+    if args.torch_only:
+        times, loss = torch_step_times(cfg, tc, data, args.warmup)
+        print(json.dumps({"seconds": statistics.median(times), "loss": loss}))
+        return
     tokens = args.batch_size * args.seq_len
     flops = train.model_flops_per_token(train.training_config(cfg, tc), args.seq_len) * tokens
     peak = train.peak_flops()
@@ -127,8 +139,19 @@ def main() -> None:
     if not args.skip_torch:
         import torch
 
-        times, loss = torch_step_times(cfg, tc, data, args.warmup)
-        rows[f"PyTorch {torch.__version__}"] = (statistics.median(times), loss)
+        # In a child process with glibc's default malloc: the huge pages that scripts/run.sh
+        # turns on speed up XLA but slowed PyTorch's step (see benchmark.peer_environment).
+        from benchmark import peer_environment
+
+        cmd = [sys.executable, __file__, "--torch-only", "--preset", args.preset,
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--dtype", args.dtype]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, env=peer_environment())
+        if out.returncode != 0:
+            raise SystemExit(f"PyTorch child failed:\n{out.stderr[-2000:]}")
+        peer = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[f"PyTorch {torch.__version__}"] = (peer["seconds"], peer["loss"])
 
     print(f"{'':22s} {'s/step':>8s} {'tokens/s':>10s} {'MFU':>7s} {'loss':>7s}")
     for name, (sec, loss) in rows.items():
