@@ -11,10 +11,12 @@ Parameter names are Meta's checkpoint keys (tok_embeddings, layers.attention.wq,
 norm, output). Matrices are stored input-first, shaped for their einsum: wq is [D, N, H]
 where Meta's `wq.weight` is [N * H, D]. The L blocks are stored stacked, every block
 parameter with a leading [L] axis, and run with `jax.lax.scan`, so compile time does not
-grow with depth.
+grow with depth. `unstack_layers` gives the inference layout: separate blocks, and on the
+CPU bfloat16 matrices stored output-first (the modules' `transposed` flag).
 
-Numerics: parameters are stored in `cfg.param_dtype`, matmuls run in `cfg.dtype`, and
-RMSNorm, rotary embedding, softmax and the logits are computed in float32.
+Numerics: parameters are stored in `cfg.param_dtype`, matmuls run in `cfg.dtype` with
+float32 accumulation, and RMSNorm, rotary embedding, softmax and the logits are computed
+in float32 (on the CPU a bfloat16 model also attends in float32: `attention_dtype`).
 """
 
 from __future__ import annotations
