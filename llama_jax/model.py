@@ -314,14 +314,25 @@ def unstack_layers(model: Transformer) -> Transformer:
             for i in range(model.cfg.n_layers)
         ]
     )
-    if inference_layout(model.cfg.param_dtype):
-        for block in new.layers:
-            block.attention.transpose_weights()
-            block.feed_forward.transpose_weights()
-        if not model.cfg.tie_word_embeddings:
-            new.output = nnx.Param(new.output[...].T)
-        new.transposed = True
-    return new
+    return use_inference_layout(new)
+
+
+def use_inference_layout(model: Transformer) -> Transformer:
+    """Store a model with separate blocks in the inference layout for its dtype, in place.
+
+    Today that means bfloat16 matrices output-first on the CPU (`layers.inference_layout`);
+    otherwise the model is left as it is. Called by `unstack_layers` and by
+    `llama_jax.load(..., layers="separate")`.
+    """
+    if model.transposed or not inference_layout(model.cfg.param_dtype):
+        return model
+    for block in model.layers:
+        block.attention.transpose_weights()
+        block.feed_forward.transpose_weights()
+    if not model.cfg.tie_word_embeddings:
+        model.output = nnx.Param(model.output[...].T)
+    model.transposed = True
+    return model
 
 
 def count_params(model: nnx.Module) -> int:

@@ -70,6 +70,31 @@ def test_bfloat16_inference_layout_matches_stacked():
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_separate_layers_is_the_unstacked_model(tmp_path, dtype):
+    # load(layers="separate") builds the inference layout straight from the per-block
+    # checkpoint: the same arrays and outputs as unstack_layers(load(...)).
+    from llama_jax.checkpoint.store import load, save
+
+    cfg = CFG.replace(param_dtype=dtype, dtype=dtype, tie_word_embeddings=False)
+    save(build_model(cfg, seed=4), tmp_path / "ck")
+    want = unstack_layers(load(tmp_path / "ck"))
+    got = load(tmp_path / "ck", layers="separate")
+    assert isinstance(got.layers, nnx.List) and got.transposed == want.transposed
+    flat = lambda m: jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+    for (pa, a), (pb, b) in zip(flat(got), flat(want), strict=True):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    tokens = jnp.asarray(np.arange(12)[None] % cfg.vocab_size, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(got(tokens)), np.asarray(want(tokens)))
+    with pytest.raises(lj.LlamaError, match="layers='rows'"):
+        load(tmp_path / "ck", layers="rows")
+    # The inference layout is not a checkpoint layout: save refuses it, writing nothing.
+    with pytest.raises(lj.LlamaError, match="stacked layers"):
+        save(got, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("cache_form", ["stacked", "per_layer"])
 @pytest.mark.parametrize("layers", ["stacked", "unstacked"])
 def test_cached_decode_matches_full_forward(layers, cache_form):

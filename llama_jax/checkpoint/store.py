@@ -182,6 +182,12 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
       The absolute path written.
     """
     cfg = model.cfg
+    if isinstance(model.layers, nnx.List):
+        raise LlamaError(
+            "save() takes a model with stacked layers (as built, trained or loaded by "
+            "default); this one has separate blocks in the inference layout "
+            "(unstack_layers or load(..., layers='separate')). Save the stacked model."
+        )
     if tokenizer is not None:
         tokenizer = os.path.expanduser(os.fspath(tokenizer))
     if tokenizer is not None and not os.path.isfile(tokenizer):
@@ -317,12 +323,22 @@ def _abstract_params(cfg: LlamaConfig, remat: str = "none") -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def load(path: str | os.PathLike, mesh=None, dtype: str | None = None, *, remat: str = "none"):
+def load(
+    path: str | os.PathLike,
+    mesh=None,
+    dtype: str | None = None,
+    *,
+    remat: str = "none",
+    layers: str = "stacked",
+):
     """A ready `Transformer` from a llama-jax checkpoint, each array on its final sharding.
 
     Each block is read by Orbax straight onto the target devices (every device reads only
     its own slice) and the blocks are stacked there; no parameter is first gathered on
     the host or on one device. A checkpoint written from any mesh loads onto any other.
+    With layers="separate" the blocks stay separate: the model `unstack_layers` would
+    give, in the inference layout, without ever holding a stacked copy (for generation:
+    half the peak memory of loading stacked and unstacking).
 
     Args:
       path: the checkpoint directory (from `convert` or `save`).
@@ -331,12 +347,15 @@ def load(path: str | os.PathLike, mesh=None, dtype: str | None = None, *, remat:
       dtype: "float32", "bfloat16" or "float16" to override both the stored parameter
         dtype and the compute dtype; None keeps the recorded config.
       remat: rematerialisation policy of the returned model (see model.REMAT_POLICIES).
+      layers: "stacked" (training, saving, the layer scan) or "separate" (inference).
     Returns:
       The model.
     """
-    from llama_jax.model import Transformer
+    from llama_jax.model import Block, Transformer, use_inference_layout
     from llama_jax.sharding import param_shardings
 
+    if layers not in ("stacked", "separate"):
+        raise LlamaError(f"layers={layers!r}: expected 'stacked' or 'separate'.")
     path = _abs(path)
     cfg = load_config(path)
     if dtype is not None:
@@ -373,6 +392,18 @@ def load(path: str | os.PathLike, mesh=None, dtype: str | None = None, *, remat:
         shapes["layers"], shardings["layers"],
     )  # fmt: skip
     pieces = [read_group(path, layer_dir(i), block_targets) for i in range(cfg.n_layers)]
+    if layers == "separate":
+        abstract_block = nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))
+        blocks = []
+        for i in range(cfg.n_layers):
+            block_def, block_state = nnx.split(nnx.clone(abstract_block))
+            nnx.replace_by_pure_dict(block_state, pieces[i])
+            blocks.append(nnx.merge(block_def, block_state))
+            pieces[i] = None
+        nnx.replace_by_pure_dict(state, values)
+        model = nnx.merge(graphdef, state, rest)
+        model.layers = nnx.List(blocks)
+        return use_inference_layout(model)
     flat_shard = dict(jax.tree_util.tree_flatten_with_path(shardings["layers"])[0])
     stacked = {}
     for key, _ in jax.tree_util.tree_flatten_with_path(shapes["layers"])[0]:
