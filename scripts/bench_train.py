@@ -100,6 +100,45 @@ def torch_step_times(cfg, tc: train.TrainConfig, data: list[np.ndarray], warmup:
     return times, float(loss.detach())
 
 
+def peer_environment() -> dict:
+    """This process's environment without the huge-page malloc setting of scripts/run.sh.
+
+    Huge pages speed up XLA (it allocates its temporaries afresh on every call) but slowed
+    PyTorch's train step (164-173 vs 190-204 tokens/s), so the peer runs without them.
+    """
+    env = dict(os.environ)
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and "hugetlb" not in t]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
+def torch_in_child(
+    preset: str,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> tuple[float, float]:
+    """(median seconds per step, last loss) of PyTorch's train step (`torch_step_times`),
+    timed in a child process with glibc's default malloc (`peer_environment`), apart from
+    this process's XLA."""
+    cmd = [sys.executable, __file__, "--torch-only", "--preset", preset,
+           "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
+           "--warmup", str(warmup), "--dtype", dtype]  # fmt: skip
+    if threads is not None:
+        cmd += ["--torch-threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=peer_environment())
+    if out.returncode != 0:
+        raise RuntimeError(f"PyTorch train-step child failed:\n{out.stderr[-2000:]}")
+    peer = json.loads(out.stdout.strip().splitlines()[-1])
+    return peer["seconds"], peer["loss"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="bench-134m")
@@ -111,6 +150,8 @@ def main() -> None:
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--torch-only", action="store_true",
                    help="time PyTorch alone, print its median as JSON")  # fmt: skip
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="PyTorch's thread count (default: its own)")  # fmt: skip
     args = p.parse_args()
 
     cfg = get_preset(args.preset)
@@ -118,6 +159,10 @@ def main() -> None:
                            compute_dtype=args.dtype, learning_rate=1e-4)  # fmt: skip
     data = batches(cfg, args.batch_size, args.seq_len, args.warmup + args.steps)
     if args.torch_only:
+        if args.torch_threads:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
         times, loss = torch_step_times(cfg, tc, data, args.warmup)
         print(json.dumps({"seconds": statistics.median(times), "loss": loss}))
         return
@@ -139,19 +184,9 @@ def main() -> None:
     if not args.skip_torch:
         import torch
 
-        # In a child process with glibc's default malloc: the huge pages that scripts/run.sh
-        # turns on speed up XLA but slowed PyTorch's step (see benchmark.peer_environment).
-        from benchmark import peer_environment
-
-        cmd = [sys.executable, __file__, "--torch-only", "--preset", args.preset,
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-               "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--dtype", args.dtype]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, env=peer_environment())
-        if out.returncode != 0:
-            raise SystemExit(f"PyTorch child failed:\n{out.stderr[-2000:]}")
-        peer = json.loads(out.stdout.strip().splitlines()[-1])
-        rows[f"PyTorch {torch.__version__}"] = (peer["seconds"], peer["loss"])
+        peer = torch_in_child(args.preset, args.batch_size, args.seq_len, args.steps,
+                              args.warmup, args.dtype)  # fmt: skip
+        rows[f"PyTorch {torch.__version__}"] = peer
 
     print(f"{'':22s} {'s/step':>8s} {'tokens/s':>10s} {'MFU':>7s} {'loss':>7s}")
     for name, (sec, loss) in rows.items():

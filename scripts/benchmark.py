@@ -55,6 +55,9 @@ from llama_jax.config import LlamaConfig, get_preset  # noqa: E402
 from llama_jax.layers import dense  # noqa: E402
 from llama_jax.model import build_model, set_params, unstack_layers  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_train import torch_in_child  # noqa: E402
+
 SECTIONS = ("roofline", "prefill", "decode", "bf16", "train", "convert")
 
 
@@ -366,59 +369,15 @@ def measure_bf16(res, cfg, prompt, steps, repeats, peaks, threads, f32_rate=None
                 note="goal > 1: bf16 reads half the bytes")  # fmt: skip
 
 
-_TRAIN_PEER_CHILD = r"""
-import json, statistics, sys, time
-import numpy as np, torch, transformers
-torch.set_num_threads({threads})
-torch.manual_seed(0)
-hf_cfg = transformers.LlamaConfig(**{hf_cfg!r})
-hf_cfg._attn_implementation = "sdpa"
-model = transformers.LlamaForCausalLM(hf_cfg).float().train()
-decay = [p for n, p in model.named_parameters() if "norm" not in n]
-no_decay = [p for n, p in model.named_parameters() if "norm" in n]
-opt = torch.optim.AdamW([{{"params": decay, "weight_decay": {wd}}},
-                         {{"params": no_decay, "weight_decay": 0.0}}],
-                        lr={lr}, betas=({b1}, {b2}), eps={eps})
-tt = torch.from_numpy(np.random.default_rng(3).integers(0, {vocab}, ({batch}, {seq} + 1)))
-times = []
-for i in range({repeats} + 1):
-    t0 = time.perf_counter()
-    logits = model(tt[:, :-1], use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             tt[:, 1:].reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), {clip})
-    opt.step()
-    if i:
-        times.append(time.perf_counter() - t0)
-print(json.dumps(dict(seconds=statistics.median(times))))
-"""
-
-
-def peer_environment() -> dict:
-    """This process's environment without the huge-page malloc setting of scripts/run.sh.
-
-    Huge pages speed up XLA (it allocates its temporaries afresh on every call) but slowed
-    PyTorch's train step (164-173 vs 190-204 tokens/s), so the peer runs without them.
-    """
-    env = dict(os.environ)
-    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and "hugetlb" not in t]
-    if kept:
-        env["GLIBC_TUNABLES"] = ":".join(kept)
-    else:
-        env.pop("GLIBC_TUNABLES", None)
-    return env
-
-
 def measure_train(res, cfg, hf, batch, seq, repeats, peaks):
     """One optimizer update of the product's train step against PyTorch's.
 
     Ours is `train.Trainer.step` (forward, backward, global-norm clipping, AdamW with no
     decay on norms; params and optimizer state donated), float32, in this process. The
     peer is transformers' LlamaForCausalLM with the same loss, clipping and AdamW
-    settings, in a child process with glibc's default malloc (`peer_environment`), so
-    that each side runs in its own best environment and neither disturbs the other.
+    settings (`bench_train.torch_step_times`), in a child process with glibc's default
+    malloc (`bench_train.torch_in_child`), so that each side runs in its own best
+    environment and neither disturbs the other.
     """
     import torch
 
@@ -449,16 +408,7 @@ def measure_train(res, cfg, hf, batch, seq, repeats, peaks):
     t_j, _ = paired(run_ours, None, repeats)
     box.clear()  # free our model and optimizer state before the peer starts
     del params, opt_state
-    code = _TRAIN_PEER_CHILD.format(
-        threads=torch.get_num_threads(), hf_cfg=cfg.replace(param_dtype="float32").to_hf(),
-        wd=tc.weight_decay, lr=tc.learning_rate, b1=tc.b1, b2=tc.b2, eps=tc.eps,
-        clip=tc.clip_norm, vocab=cfg.vocab_size, batch=batch, seq=seq, repeats=repeats,
-    )  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=peer_environment(), timeout=1800)  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"PyTorch train-step child failed:\n{out.stderr[-2000:]}")
-    t_t = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    t_t, _ = torch_in_child(cfg.name, batch, seq, repeats, 1, threads=torch.get_num_threads())
     ntok = batch * seq
     res.add("train", f"train step {batch}x{seq}", ntok / t_j, ntok / t_t, "tokens/s",
             note="peer in a child process, default malloc")  # fmt: skip
