@@ -1,15 +1,15 @@
 """llama-jax: Meta's LLaMA family (Llama 1, 2, 3, 3.1, 3.2) in JAX and Flax NNX.
 
-Read the package top to bottom in this order: config, layers, attention, model, sharding,
-checkpoint, tokenizer, sampling, generate, train, cli.
+Read the model top to bottom in this order: config, model/layers, model/attention,
+model/kv_cache, model/transformer. Around it, one folder per concern: sharding/,
+checkpoint/, inference/, training/, cli/ (docs/architecture.md draws the map).
 """
 
-from llama_jax.attention import KVCache
 from llama_jax.checkpoint import load
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
 from llama_jax.errors import LlamaError
-from llama_jax.generate import generate, generate_text
-from llama_jax.model import Transformer, abstract_model, build_model, count_params
+from llama_jax.inference.generate import generate, generate_text
+from llama_jax.model import KVCache, Transformer, abstract_model, build_model, count_params
 from llama_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"

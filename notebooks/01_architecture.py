@@ -49,11 +49,11 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
+from llama_jax.attention import Attention
+from llama_jax.layers import FeedForward, RMSNorm, apply_rope, rope_frequencies
 
 import llama_jax as lj
-from llama_jax.attention import Attention
 from llama_jax.checkpoint.layout import meta_to_hf_qk
-from llama_jax.layers import FeedForward, RMSNorm, apply_rope, rope_frequencies
 from llama_jax.model import set_params
 
 # float32 matmuls at full precision, so "equal" below means equal to rounding.

@@ -48,7 +48,7 @@ from flax import nnx
 import llama_jax as lj
 from llama_jax import checkpoint
 from llama_jax.checkpoint import layout
-from llama_jax.info import describe
+from llama_jax.cli.info import describe
 
 # ▶ Point this at a llama-jax checkpoint directory; None builds and saves a tiny model.
 CHECKPOINT = os.environ.get("LLAMA_JAX_CHECKPOINT") or None

@@ -44,12 +44,12 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
+from llama_jax.attention import KVCache
 
 import llama_jax as lj
-from llama_jax.attention import KVCache
-from llama_jax.generate import generate
+from llama_jax.inference.generate import generate
+from llama_jax.inference.sampling import filter_logits, sample
 from llama_jax.model import set_params
-from llama_jax.sampling import filter_logits, sample
 from llama_jax.tokenizer import Tokenizer, llama3_special_tokens, train_sentencepiece
 
 # ▶ Point this at a llama-jax checkpoint (with tokenizer.model); None builds a tiny model.

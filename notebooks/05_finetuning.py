@@ -48,10 +48,10 @@ from IPython.display import display
 
 import llama_jax as lj
 from llama_jax import checkpoint
-from llama_jax.data import pack_documents, split_documents
-from llama_jax.generate import generate_text
+from llama_jax.inference.generate import generate_text
 from llama_jax.tokenizer import Tokenizer, train_sentencepiece
-from llama_jax.train import TrainConfig, learning_rate_schedule, loss_sums, train
+from llama_jax.training import TrainConfig, learning_rate_schedule, loss_sums, train
+from llama_jax.training.data import pack_documents, split_documents
 
 # ▶ Point this at a llama-jax checkpoint to fine-tune it; None trains a tiny random model.
 CHECKPOINT = os.environ.get("LLAMA_JAX_CHECKPOINT") or None
@@ -90,7 +90,7 @@ print(repr(tok.decode(train_data.tokens[0][:40].tolist())))
 #
 # The loss is the mean cross-entropy of each target under the model's next-token
 # distribution, each target weighted (fine-tuning on chats gives the prompt weight 0).
-# `llama_jax.train.loss_sums` returns the weighted sum and the weight total, so that
+# `llama_jax.training.loss_sums` returns the weighted sum and the weight total, so that
 # micro-batches combine exactly; the same, written out:
 
 # %%

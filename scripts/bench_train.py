@@ -7,7 +7,7 @@ Both sides train the same architecture (`--preset`, ~134M parameters by default)
 same random token batches with AdamW (betas 0.9/0.95, weight decay 0.1) and global-norm
 clipping at 1.0:
 
-    llama-jax   train.Trainer: one jitted step (forward, backward, clip, AdamW), params
+    llama-jax   training.Trainer: one jitted step (forward, backward, clip, AdamW), params
                 and optimizer state donated, float32 master weights, matmuls in --dtype
     PyTorch     transformers' LlamaForCausalLM + torch.optim.AdamW (fused where the
                 build has it), clip_grad_norm_, same dtype policy via autocast
@@ -17,7 +17,7 @@ PyTorch runs in a child process with glibc's default malloc (the huge pages that
 
 It prints tokens/s, seconds per step and MFU for each and the ratio. MFU counts the
 model's training FLOPs (3 x forward, `LlamaConfig.flops_per_token`) against the device
-peak from `train.peak_flops` (data-sheet numbers for accelerators; on CPU a measured
+peak from `perf.peak_flops` (data-sheet numbers for accelerators; on CPU a measured
 float32 matmul peak, so CPU MFU is relative to what this machine's BLAS achieves).
 """
 
@@ -35,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from llama_jax import train
+from llama_jax import perf, training
 from llama_jax.config import get_preset
 
 
@@ -46,9 +46,9 @@ def batches(cfg, batch_size: int, seq_len: int, n: int, seed: int = 0) -> list[n
             for _ in range(n)]  # fmt: skip
 
 
-def jax_step_times(cfg, tc: train.TrainConfig, data: list[np.ndarray], warmup: int):
+def jax_step_times(cfg, tc: training.TrainConfig, data: list[np.ndarray], warmup: int):
     """Seconds of each timed llama-jax train step (after `warmup` untimed ones)."""
-    trainer = train.Trainer(cfg, tc)
+    trainer = training.Trainer(cfg, tc)
     params = trainer.init_params()
     opt_state = trainer.init_opt_state(params)
     times = []
@@ -65,7 +65,7 @@ def jax_step_times(cfg, tc: train.TrainConfig, data: list[np.ndarray], warmup: i
     return times, float(metrics["loss"])
 
 
-def torch_step_times(cfg, tc: train.TrainConfig, data: list[np.ndarray], warmup: int):
+def torch_step_times(cfg, tc: training.TrainConfig, data: list[np.ndarray], warmup: int):
     """Seconds of each timed PyTorch train step (transformers' LlamaForCausalLM + AdamW)."""
     import torch
     import transformers
@@ -155,7 +155,7 @@ def main() -> None:
     args = p.parse_args()
 
     cfg = get_preset(args.preset)
-    tc = train.TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
+    tc = training.TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                            compute_dtype=args.dtype, learning_rate=1e-4)  # fmt: skip
     data = batches(cfg, args.batch_size, args.seq_len, args.warmup + args.steps)
     if args.torch_only:
@@ -167,8 +167,8 @@ def main() -> None:
         print(json.dumps({"seconds": statistics.median(times), "loss": loss}))
         return
     tokens = args.batch_size * args.seq_len
-    flops = train.model_flops_per_token(train.training_config(cfg, tc), args.seq_len) * tokens
-    peak = train.peak_flops()
+    flops = perf.model_flops_per_token(training.training_config(cfg, tc), args.seq_len) * tokens
+    peak = perf.peak_flops()
     dev = jax.devices()[0]
     print(f"{cfg.name}: {cfg.num_params() / 1e6:.0f}M parameters; batch {args.batch_size} x "
           f"{args.seq_len} tokens; matmuls in {args.dtype}; {args.steps} timed steps after "

@@ -49,10 +49,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-
 from llama_jax.attention import attention_implementation  # noqa: E402
-from llama_jax.config import LlamaConfig, get_preset  # noqa: E402
 from llama_jax.layers import dense  # noqa: E402
+
+from llama_jax.config import LlamaConfig, get_preset  # noqa: E402
 from llama_jax.model import build_model, set_params, unstack_layers  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -372,7 +372,7 @@ def measure_bf16(res, cfg, prompt, steps, repeats, peaks, threads, f32_rate=None
 def measure_train(res, cfg, hf, batch, seq, repeats, peaks):
     """One optimizer update of the product's train step against PyTorch's.
 
-    Ours is `train.Trainer.step` (forward, backward, global-norm clipping, AdamW with no
+    Ours is `training.Trainer.step` (forward, backward, global-norm clipping, AdamW with no
     decay on norms; params and optimizer state donated), float32, in this process. The
     peer is transformers' LlamaForCausalLM with the same loss, clipping and AdamW
     settings (`bench_train.torch_step_times`), in a child process with glibc's default
@@ -381,11 +381,11 @@ def measure_train(res, cfg, hf, batch, seq, repeats, peaks):
     """
     import torch
 
-    from llama_jax import train
+    from llama_jax import training
     from llama_jax.checkpoint.layout import params_from_hf
 
-    tc = train.TrainConfig(batch_size=batch, seq_len=seq, learning_rate=1e-4)
-    trainer = train.Trainer(cfg, tc)
+    tc = training.TrainConfig(batch_size=batch, seq_len=seq, learning_rate=1e-4)
+    trainer = training.Trainer(cfg, tc)
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     params = trainer.init_params(params=params_from_hf(sd, cfg))
     opt_state = trainer.init_opt_state(params)

@@ -29,12 +29,12 @@ def main(process_id: int, num_processes: int, port: int, ckpt: str, out: str) ->
     assert jax.process_count() == num_processes and len(jax.devices()) == 8
     mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"))
     model = lj.load(ckpt, mesh=mesh)
-    wq = model.layers.attention.wq[...]
+    wq = model.layers[0].attention.wq[...]
     assert not wq.is_fully_addressable  # really spread over both processes
     save(model, out)
     again = lj.load(out, mesh=jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor")))
-    w1 = again.layers.feed_forward.w1[...]
-    assert w1.sharding.spec[2] == "tensor" and not w1.is_fully_addressable
+    w1 = again.layers[0].feed_forward.w1[...]
+    assert w1.sharding.spec[1] == "tensor" and not w1.is_fully_addressable
     tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % model.cfg.vocab_size
     from jax.experimental import multihost_utils
 

@@ -75,7 +75,7 @@ def main(process_id: int, num_processes: int, port: int, out: Path) -> None:
         sh.param_shardings(abstract, mesh2),
     )
     restored = checkpointer.restore(out / "ckpt", target)
-    wq = restored["layers"]["attention"]["wq"]
+    wq = restored["layers"][0]["attention"]["wq"]
     assert wq.sharding.mesh.shape == mesh2.shape, wq.sharding
     model2 = with_params(abstract_model(CFG), restored)
     logits2 = sh.jit_forward(model2, mesh2)(

@@ -210,17 +210,17 @@ def test_restore_onto_8_devices_and_back(gqa_hf, gqa_ckpt, tmp_path):
     assert len(jax.devices()) == 8
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     sharded = load(gqa_ckpt, mesh=mesh)
-    wq = sharded.layers.attention.wq[...]
-    assert wq.sharding.mesh.shape == mesh.shape and tuple(wq.sharding.spec)[1:3] == (
+    wq = sharded.layers[0].attention.wq[...]
+    assert wq.sharding.mesh.shape == mesh.shape and tuple(wq.sharding.spec)[:2] == (
         "fsdp",
         "tensor",
     )
-    # Each device holds a quarter of wq (fsdp x tensor), never the whole stack.
-    assert {s.data.shape for s in wq.addressable_shards} == {(2, 32, 2, 16)}
+    # Each device holds a quarter of wq (fsdp x tensor), never the whole array.
+    assert {s.data.shape for s in wq.addressable_shards} == {(32, 2, 16)}
     assert rel_err(logits(sharded), hf_logits(gqa_hf, TOKENS)) < 1e-5
     save(sharded, tmp_path / "from_mesh")  # written from 8 devices ...
     single = load(tmp_path / "from_mesh")  # ... restored onto one
-    assert len(single.layers.attention.wq[...].devices()) == 1
+    assert len(single.layers[0].attention.wq[...].devices()) == 1
     assert_bitwise_equal(params_of(single), params_of(load(gqa_ckpt)))
 
 

@@ -36,7 +36,8 @@ def test_every_official_preset_builds_abstractly_with_published_count(name):
     assert n == PUBLISHED[name] == cfg.num_params()
     if name in QUOTED:
         assert abs(n - QUOTED[name]) / QUOTED[name] < 0.005
-    assert model.layers.attention.wq.shape == (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.head_dim)
+    assert len(model.layers) == cfg.n_layers
+    assert model.layers[0].attention.wq.shape == (cfg.dim, cfg.n_heads, cfg.head_dim)
 
 
 def test_preset_details():

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax import data
 from llama_jax.errors import LlamaError
+from llama_jax.training import data
 
 
 class ByteTokenizer:

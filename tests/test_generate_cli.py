@@ -5,10 +5,10 @@ import pytest
 from flax import nnx
 
 import llama_jax as lj
-from llama_jax.chat import chat_loop, fit_history
 from llama_jax.checkpoint import save
 from llama_jax.cli import main
-from llama_jax.generate import generate_text
+from llama_jax.cli.chat import chat_loop, fit_history
+from llama_jax.inference.generate import generate_text
 from llama_jax.tokenizer import train_sentencepiece
 
 CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96,

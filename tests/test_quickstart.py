@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from llama_jax import cli, quickstart
+from llama_jax import cli
+from llama_jax.cli import quickstart
 from llama_jax.errors import LlamaError
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from llama_jax.errors import LlamaError
-from llama_jax.sampling import SamplingParams, filter_logits, sample
+from llama_jax.inference.sampling import SamplingParams, filter_logits, sample
 
 V = 64
 jit_sample = jax.jit(sample)

@@ -115,9 +115,9 @@ def test_sharded_forward_matches_single_device(name, mesh_name):
 
 def test_build_model_on_a_plain_jax_mesh():
     # jax.make_mesh's default axis types are Explicit; there a naive embedding gather
-    # raises a ShardingTypeError. The weights are created directly sharded, equal the
-    # single-device ones (up to an ulp: jit fuses the sampling), and the model runs
-    # jitted and eagerly under jax.set_mesh.
+    # raises a ShardingTypeError. build_model takes the mesh as the same grid with Auto
+    # axes: the weights are created directly sharded, equal the single-device ones (up
+    # to an ulp: jit fuses the sampling), and the model runs jitted and eagerly.
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     assert all(t == AxisType.Explicit for t in mesh.axis_types)
     cfg = CONFIGS["tied"]
@@ -134,10 +134,10 @@ def test_build_model_on_a_plain_jax_mesh():
     tokens, mask = batch(cfg)
     want = sh.jit_forward(plain)(tokens, mask)
     assert rel_err(sh.jit_forward(sharded, mesh)(tokens, mask), want) < 1e-5
-    with jax.set_mesh(mesh):  # eager, op by op, as JAX's explicit-sharding guide does
+    assert all(t == AxisType.Auto for t in sharded.tok_embeddings[...].sharding.mesh.axis_types)
+    with jax.set_mesh(sh.make_mesh(mesh)):  # eager, op by op, on the same grid
         eager = sharded(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     assert rel_err(eager, want) < 1e-5
-    assert jax.typeof(eager).sharding.spec == P(("data", "fsdp"), None, "tensor")
 
 
 def test_auto_axes_mesh_from_jax_make_mesh():
@@ -153,8 +153,8 @@ def test_gqa_with_fewer_kv_heads_than_the_tensor_axis():
     assert CONFIGS["gqa"].kv_heads == 2
     mesh = sh.make_mesh("data=2,tensor=4")
     model = model_of("gqa", mesh)
-    assert model.layers.attention.wk[...].sharding.spec == P(None, None, None, None)
-    assert model.layers.attention.wq[...].sharding.spec == P(None, None, "tensor", None)
+    assert model.layers[0].attention.wk[...].sharding.spec == P(None, None, None)
+    assert model.layers[0].attention.wq[...].sharding.spec == P(None, "tensor", None)
     tokens, mask = batch(CONFIGS["gqa"])
     assert rel_err(sh.jit_forward(model, mesh)(tokens, mask), reference_logits("gqa")) < 1e-5
 
@@ -202,7 +202,8 @@ def test_sharded_prefill_and_decode_match_single_device(mesh_name):
     got_prefill, got_step, cache = run(model_of("gqa", mesh), mesh)
     assert rel_err(got_prefill, want_prefill) < 1e-5
     assert rel_err(got_step, want_step) < 1e-5
-    assert cache.k.sharding.spec == sh.logical_to_spec(sh.CACHE_AXES["k"], cache.k.shape, mesh)
+    for k in cache.k:  # each layer's [B, K, S, H] keys sharded by the rules table
+        assert k.sharding.spec == sh.logical_to_spec(sh.CACHE_AXES["k"], k.shape, mesh)
     assert int(cache.index) == T + 1
 
 
@@ -241,13 +242,13 @@ def test_sharded_gradients_match_single_device():
 @pytest.mark.parametrize("explicit", [True, False])
 def test_load_a_checkpoint_onto_a_mesh(tmp_path, explicit):
     # llama_jax.load restores each array onto its sharding, on a mesh from plain
-    # jax.make_mesh (Explicit axes) or one with Auto axes.
+    # jax.make_mesh (Explicit axes, taken as the same grid with Auto axes) or an Auto one.
     path = lj.checkpoint.save(model_of("gqa"), tmp_path / "ckpt")
     types = AxisType.Explicit if explicit else AxisType.Auto
     mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(types,) * 3)
     model = lj.load(path, mesh=mesh)
-    assert model.layers.attention.wq[...].sharding.spec == P(None, "fsdp", "tensor", None)
-    assert model.layers.attention.wq[...].sharding.mesh.axis_types == (types,) * 3
+    assert model.layers[0].attention.wq[...].sharding.spec == P("fsdp", "tensor", None)
+    assert model.layers[0].attention.wq[...].sharding.mesh.axis_types == (AxisType.Auto,) * 3
     tokens, mask = batch(CONFIGS["gqa"])
     assert rel_err(sh.jit_forward(model, mesh)(tokens, mask), reference_logits("gqa")) < 1e-5
 
@@ -293,12 +294,12 @@ def test_fsdp_splits_every_weight_eight_ways():
 def test_tensor_parallel_splits_heads_mlp_and_vocab():
     cfg = CONFIGS["mha"]
     model = model_of("mha", sh.make_mesh("tp"))
-    a, f = model.layers.attention, model.layers.feed_forward
-    assert a.wq[...].sharding.spec == P(None, None, "tensor", None)
-    assert a.wk[...].sharding.spec == P(None, None, "tensor", None)
-    assert a.wo[...].sharding.spec == P(None, "tensor", None, None)
-    assert f.w1[...].sharding.spec == P(None, None, "tensor")
-    assert f.w2[...].sharding.spec == P(None, "tensor", None)
+    a, f = model.layers[0].attention, model.layers[0].feed_forward
+    assert a.wq[...].sharding.spec == P(None, "tensor", None)
+    assert a.wk[...].sharding.spec == P(None, "tensor", None)
+    assert a.wo[...].sharding.spec == P("tensor", None, None)
+    assert f.w1[...].sharding.spec == P(None, "tensor")
+    assert f.w2[...].sharding.spec == P("tensor", None)
     assert model.tok_embeddings[...].sharding.spec == P("tensor", None)
     assert model.output[...].sharding.spec == P(None, "tensor")
     assert model.norm.weight[...].sharding.spec == P(None)  # [D]: small, replicated
@@ -314,17 +315,17 @@ def test_fsdp_tp_specs_follow_the_rules_table():
     model = model_of("gqa", mesh)
     expected = {
         ("tok_embeddings",): P("tensor", "fsdp"),
-        ("layers", "attention", "wq"): P(None, "fsdp", "tensor", None),
-        ("layers", "attention", "wk"): P(None, "fsdp", "tensor", None),
-        ("layers", "attention", "wo"): P(None, "tensor", None, "fsdp"),
-        ("layers", "feed_forward", "w1"): P(None, "fsdp", "tensor"),
-        ("layers", "feed_forward", "w2"): P(None, "tensor", "fsdp"),
-        ("layers", "ffn_norm", "weight"): P(None, "fsdp"),
+        ("layers", "attention", "wq"): P("fsdp", "tensor", None),
+        ("layers", "attention", "wk"): P("fsdp", "tensor", None),
+        ("layers", "attention", "wo"): P("tensor", None, "fsdp"),
+        ("layers", "feed_forward", "w1"): P("fsdp", "tensor"),
+        ("layers", "feed_forward", "w2"): P("tensor", "fsdp"),
+        ("layers", "ffn_norm", "weight"): P("fsdp"),
         ("norm", "weight"): P("fsdp"),
         ("output",): P("fsdp", "tensor"),
     }
-    flat = {
-        tuple(str(k.key) for k in path): x
+    flat = {  # paths without the layer number, as in the rules table
+        tuple(str(k.key) for k in path if not isinstance(k.key, int)): x
         for path, x in jax.tree_util.tree_leaves_with_path(params_of(model))
     }
     for path, spec in expected.items():
@@ -354,9 +355,9 @@ def test_param_shardings_of_an_abstract_model_allocate_nothing():
     mesh = sh.make_mesh("fsdp_tp")
     state = nnx.state(lj.abstract_model(cfg))
     shardings = sh.param_shardings(state, mesh)
-    wq = shardings["layers"]["attention"]["wq"]
+    wq = shardings["layers"][0]["attention"]["wq"]
     wq = wq.get_value() if isinstance(wq, nnx.Variable) else wq
-    assert wq.spec == P(None, "fsdp", "tensor", None)
+    assert wq.spec == P("fsdp", "tensor", None)
     sh.validate(cfg, mesh)
 
 
@@ -394,9 +395,12 @@ def test_auto_mesh_keeps_the_device_grid():
 
 def test_make_mesh_none_and_explicit():
     assert sh.make_mesh(None) is None
-    mesh = sh.make_mesh("fsdp", axis_types="explicit")
-    assert all(t == AxisType.Explicit for t in mesh.axis_types)
+    mesh = sh.make_mesh("fsdp")
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
     assert sh.make_mesh(mesh) is mesh
+    explicit = jax.make_mesh((1, 8, 1), sh.MESH_AXES)  # JAX's default: Explicit axes
+    assert all(t == AxisType.Explicit for t in explicit.axis_types)
+    assert sh.make_mesh(explicit).axis_types == (AxisType.Auto,) * 3
 
 
 @pytest.mark.parametrize(
@@ -430,7 +434,11 @@ def test_a_mesh_with_foreign_axis_names_is_refused():
     "cfg, mesh, words",
     [
         (CONFIGS["mha"].replace(n_heads=4, n_kv_heads=4), "tensor=8", ["n_heads=4", "tensor=8"]),
-        (lj.LlamaConfig(**{**TINY, "ffn_dim": 100}), "tensor=8", ["ffn_dim", "100", "tensor=8"]),
+        (
+            lj.LlamaConfig(**{**TINY, "ffn_dim": 100}),
+            "tensor=8",
+            ["ffn_hidden_dim", "100", "tensor=8"],
+        ),
         (lj.LlamaConfig(**{**TINY, "dim": 52, "n_heads": 2}), "fsdp=-1", ["dim=52", "fsdp=8"]),
         (
             lj.LlamaConfig(**{**TINY, "dim": 48, "n_heads": 6, "n_kv_heads": 3}),
@@ -457,13 +465,15 @@ def test_param_shardings_refuse_heads_that_cannot_split():
 
 def test_a_batch_that_does_not_divide_is_refused():
     mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
-    with pytest.raises(lj.LlamaError, match="Batch size 6 .* 2 x 2 = 4"):
+    with pytest.raises(lj.LlamaError, match="Batch size: 6 rows .* data=2 x fsdp=2 = 4"):
         sh.batch_sharding(mesh, (6, 16))
 
 
 def test_mesh_flag_parses_into_a_mesh():
+    from llama_jax.cli.common import add_mesh_argument
+
     parser = argparse.ArgumentParser()
-    sh.add_mesh_argument(parser)
+    add_mesh_argument(parser)
     assert parser.parse_args([]).mesh is None
     args = parser.parse_args(["--mesh", "data=2,fsdp=-1,tensor=2"])
     assert dict(sh.make_mesh(args.mesh).shape) == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import cli, data, train
+from llama_jax import cli, training
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
 from llama_jax.sharding import make_mesh
+from llama_jax.training import data
 from tests.test_data import TOK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +41,8 @@ def random_batch(M, b, T, seed=0, weights=None):
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    tc = train.TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    lr = train.learning_rate_schedule(tc)
+    tc = training.TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lr = training.learning_rate_schedule(tc)
     assert float(lr(0)) == 0.0
     assert float(lr(5)) == pytest.approx(5e-4)
     assert float(lr(10)) == pytest.approx(1e-3)
@@ -50,33 +51,33 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_weight_decay_skips_norm_gains_only():
-    trainer = train.Trainer(CFG, train.TrainConfig(seq_len=16))
-    mask = train.decay_mask(trainer.abstract_params)
+    trainer = training.Trainer(CFG, training.TrainConfig(seq_len=16))
+    mask = training.decay_mask(trainer.abstract_params)
     flat = {"/".join(str(k.key) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}  # fmt: skip
-    assert not flat["norm/weight"] and not flat["layers/attention_norm/weight"]
-    assert not flat["layers/ffn_norm/weight"]
-    assert flat["tok_embeddings"] and flat["output"] and flat["layers/attention/wq"]
-    assert flat["layers/feed_forward/w2"]
+    assert not flat["norm/weight"] and not flat["layers/0/attention_norm/weight"]
+    assert not flat["layers/1/ffn_norm/weight"]
+    assert flat["tok_embeddings"] and flat["output"] and flat["layers/0/attention/wq"]
+    assert flat["layers/1/feed_forward/w2"]
     # And AdamW honours it: with zero gradients only decayed weights move.
-    tc = train.TrainConfig(seq_len=16, learning_rate=0.1, warmup_steps=0, weight_decay=0.5)
-    tx = train.make_optimizer(tc)
+    tc = training.TrainConfig(seq_len=16, learning_rate=0.1, warmup_steps=0, weight_decay=0.5)
+    tx = training.make_optimizer(tc)
     params = trainer.init_params()
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     assert float(jnp.abs(updates["norm"]["weight"]).max()) == 0.0
-    assert float(jnp.abs(updates["layers"]["attention"]["wq"]).max()) > 0.0
+    assert float(jnp.abs(updates["layers"][0]["attention"]["wq"]).max()) > 0.0
 
 
 def test_gradient_accumulation_matches_one_large_batch():
     cfg = CFG.replace(dtype="float32")
-    trainer = train.Trainer(cfg, train.TrainConfig(seq_len=16, compute_dtype="float32"))
+    trainer = training.Trainer(cfg, training.TrainConfig(seq_len=16, compute_dtype="float32"))
     params = trainer.init_params()
     # Uneven loss weights (as in SFT) so micro-batches hold different numbers of targets.
     w = (np.random.default_rng(1).random((4, 2, 16)) < 0.6).astype(np.float32)
     small = random_batch(4, 2, 16, weights=w)
     big = {k: v.reshape(1, 8, 16) for k, v in small.items()}
-    step = jax.jit(train.loss_and_grads, static_argnums=0)
+    step = jax.jit(training.step.loss_and_grads, static_argnums=0)
     loss_k, grads_k = step(trainer.graphdef, params, small)
     loss_1, grads_1 = step(trainer.graphdef, params, big)
     np.testing.assert_allclose(loss_k, loss_1, rtol=1e-6)
@@ -90,10 +91,10 @@ def test_sft_prompt_tokens_give_no_gradient(tmp_path):
                            for i in range(4)))  # fmt: skip
     ds = data.tokenize_sft(data.read_sft_examples(f), TOK, seq_len=48)
     cfg = CFG.replace(dtype="float32")
-    trainer = train.Trainer(cfg, train.TrainConfig(seq_len=48, compute_dtype="float32"))
+    trainer = training.Trainer(cfg, training.TrainConfig(seq_len=48, compute_dtype="float32"))
     params = trainer.init_params()
     batch = ds.batch(0, 4, seed=0)
-    grad = jax.jit(train.loss_and_grads, static_argnums=0)
+    grad = jax.jit(training.step.loss_and_grads, static_argnums=0)
     loss, g = grad(trainer.graphdef, params, batch)
     # Replace every target the prompt (or padding) predicts: nothing changes, bit for bit.
     prompt = batch["weights"] == 0
@@ -116,9 +117,9 @@ def two_steps(mesh):
     """Weights and losses after two updates of a float32 model, on `mesh` or one device."""
     # eps above most |g| keeps Adam's update smooth in g: with a tiny eps the first update
     # is lr * sign(g), and a near-zero g's sign depends on the order of a sharded sum.
-    tc = train.TrainConfig(seq_len=16, batch_size=16, micro_batches=2, compute_dtype="float32",
+    tc = training.TrainConfig(seq_len=16, batch_size=16, micro_batches=2, compute_dtype="float32",
                            warmup_steps=0, learning_rate=1e-2, eps=1e-4)  # fmt: skip
-    t = train.Trainer(CFG.replace(dtype="float32"), tc, mesh)
+    t = training.Trainer(CFG.replace(dtype="float32"), tc, mesh)
     p = t.init_params()
     o = t.init_opt_state(p)
     losses = []
@@ -142,7 +143,7 @@ def test_sharded_train_step_matches_single_device(mesh_spec, single_device_steps
     p, losses = two_steps(mesh)
     results = {"mesh": (jax.device_get(p), losses), "single": single_device_steps}
     if mesh_spec == "fsdp":  # the weights really are split
-        assert len(p["layers"]["feed_forward"]["w1"].sharding.device_set) == 8
+        assert len(p["layers"][0]["feed_forward"]["w1"].sharding.device_set) == 8
     np.testing.assert_allclose(results["mesh"][1], results["single"][1], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results["mesh"][0]), jax.tree.leaves(results["single"][0]),
                     strict=True):  # fmt: skip
@@ -151,10 +152,10 @@ def test_sharded_train_step_matches_single_device(mesh_spec, single_device_steps
 
 def test_loss_falls_on_a_real_corpus_in_mixed_precision(tmp_path):
     train_docs, eval_docs = data.split_documents(stdlib_docs(), 0.25)
-    tc = train.TrainConfig(steps=40, batch_size=8, seq_len=64, learning_rate=3e-3,
+    tc = training.TrainConfig(steps=40, batch_size=8, seq_len=64, learning_rate=3e-3,
                            warmup_steps=5, eval_every=0, save_every=0, log_every=10,
                            eval_batches=2)  # fmt: skip
-    result = train.train(CFG, tc, data.pack_documents(train_docs, TOK, 64), tmp_path,
+    result = training.train(CFG, tc, data.pack_documents(train_docs, TOK, 64), tmp_path,
                          data.pack_documents(eval_docs, TOK, 64), progress=False,
                          log=lambda _: None)  # fmt: skip
     before, after = result.eval_losses[0], result.eval_losses[40]
@@ -177,12 +178,13 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
-from llama_jax import data, train
+from llama_jax import training
+from llama_jax.training import data
 from tests.test_train import CFG, stdlib_docs
 from tests.test_data import TOK
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
-tc = train.TrainConfig(steps=10, batch_size=4, seq_len=32, learning_rate=3e-3, warmup_steps=2,
+tc = training.TrainConfig(steps=10, batch_size=4, seq_len=32, learning_rate=3e-3, warmup_steps=2,
                        save_every=4, keep=2, log_every=1, eval_every=5, eval_batches=1)
 docs = stdlib_docs()
 ds = data.pack_documents(docs[1:], TOK, 32)
@@ -198,7 +200,7 @@ def hook(step, metrics):
     if mode == "term" and step == 7:
         os.kill(os.getpid(), signal.SIGTERM)
 
-r = train.train(CFG, tc, ds, out, held, on_step=hook, progress=False)
+r = training.train(CFG, tc, ds, out, held, on_step=hook, progress=False)
 print("RESULT", r.start_step, r.step, r.preempted)
 """
 
@@ -252,18 +254,20 @@ def test_killed_and_preempted_runs_resume_to_bitwise_identical_losses(tmp_path):
 
 
 def small_run(tmp_path, cfg=CFG, mesh=None, **kw):
-    tc = train.TrainConfig(**{**dict(steps=2, batch_size=2, seq_len=16, save_every=1,
+    tc = training.TrainConfig(**{**dict(steps=2, batch_size=2, seq_len=16, save_every=1,
                                      log_every=1, eval_batches=1), **kw})  # fmt: skip
     ds = data.pack_documents(stdlib_docs()[:3], TOK, tc.seq_len)
-    return train.train(cfg, tc, ds, tmp_path, progress=False, log=lambda _: None, mesh=mesh)
+    return training.train(cfg, tc, ds, tmp_path, progress=False, log=lambda _: None, mesh=mesh)
 
 
 def test_a_run_saved_on_one_mesh_resumes_on_another(tmp_path):
     small_run(tmp_path, mesh=make_mesh("fsdp"), batch_size=8)
     result = small_run(tmp_path, mesh=make_mesh("tp"), batch_size=8, steps=3)
     assert (result.start_step, result.step) == (2, 3)
-    w1 = result.params["layers"]["feed_forward"]["w1"]
-    assert w1.sharding.spec == result.trainer.param_shardings["layers"]["feed_forward"]["w1"].spec
+    w1 = result.params["layers"][0]["feed_forward"]["w1"]
+    assert (
+        w1.sharding.spec == result.trainer.param_shardings["layers"][0]["feed_forward"]["w1"].spec
+    )
     assert "tensor" in str(w1.sharding.spec) and "fsdp" not in str(w1.sharding.spec)
 
 
@@ -287,9 +291,9 @@ def test_resuming_with_another_config_or_data_is_refused_and_changes_nothing(tmp
 
 
 def test_mesh_that_cannot_split_the_batch_is_refused():
-    tc = train.TrainConfig(seq_len=16, batch_size=4)
-    with pytest.raises(LlamaError, match="cannot split evenly"):
-        train.Trainer(CFG, tc, make_mesh("fsdp"))
+    tc = training.TrainConfig(seq_len=16, batch_size=4)
+    with pytest.raises(LlamaError, match="4 rows do not divide over .* = 8 devices"):
+        training.Trainer(CFG, tc, make_mesh("fsdp"))
 
 
 def test_cli_reports_bad_data_paths_and_empty_corpora(tmp_path, capsys):

@@ -9,7 +9,7 @@ Three layouts of the same weights:
   permuted the rows of wq and wk within every head so the half-split code gives the
   same result; `hf_to_meta_qk` undoes that and `meta_to_hf_qk` redoes it.
 * This package: Meta's names, input-first einsum shapes (wq [D, N, H]), Meta's rotary
-  convention, and the L layers stacked on a leading axis.
+  convention, and one dict per block under "layers".
 
 Every function here works on one tensor at a time, so converters can stream.
 """
@@ -176,7 +176,7 @@ def meta_to_param(
 def param_to_meta(
     path: tuple[str, ...], w: np.ndarray, cfg: LlamaConfig, layer: int | None = None
 ) -> tuple[str, np.ndarray]:
-    """Inverse of `meta_to_param` for one parameter (one layer's slice of a stack)."""
+    """Inverse of `meta_to_param` for one parameter (of block `layer` when in a block)."""
     if path == ("tok_embeddings",):
         return "tok_embeddings.weight", w
     if path == ("output",):
@@ -222,27 +222,22 @@ def meta_names(cfg: LlamaConfig) -> list[str]:
 
 
 def params_from_meta(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
-    """A whole Meta state dict (in memory) -> a nested dict of stacked parameters.
+    """A whole Meta state dict (in memory) -> the model's nested dict of parameters.
 
     For small models and tests; the streaming converters place tensors one at a time.
+    Blocks are keyed by number: {"layers": {0: {"attention": {"wq": ...}}, ...}, ...}.
     """
-    stacked: dict[tuple[str, ...], list] = {}
     out: dict = {}
     for name in meta_names(cfg):
         if name not in tensors:
             raise LlamaError(f"Tensor {name!r} is missing from the checkpoint.")
         path, layer, w = meta_to_param(name, np.asarray(tensors[name]), cfg)
-        if layer is None:
-            _set(out, path, w)
-        else:
-            stacked.setdefault(path, [None] * cfg.n_layers)[layer] = w
-    for path, ws in stacked.items():
-        _set(out, path, np.stack(ws))
+        _set(out, path if layer is None else (path[0], layer, *path[1:]), w)
     return out
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
-    """A whole HF LlamaForCausalLM state dict (in memory) -> nested stacked parameters."""
+    """A whole HF LlamaForCausalLM state dict (in memory) -> the model's nested parameters."""
     meta = {}
     for name, w in tensors.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -11,12 +11,10 @@ On disk:
       params/layers/00000/        one block: {"attention": {"wq": [D, N, H], ...},
       ...                          "feed_forward": {...}, "attention_norm": ..., "ffn_norm": ...}
 
-The model keeps its L blocks stacked ([L, ...] on every block parameter), but a stacked
-leaf of a large model is tens of GB (405B: w1 alone is 126 x 16384 x 53248). Storing one
-Orbax checkpoint per block lets the converter write a block at a time, so host memory
-stays near one block whatever the depth, and lets `load` read each block straight onto
-the devices of the target mesh (Orbax reads only each device's slice) and stack the
-blocks there, never holding a whole parameter on one device or on the host.
+One Orbax checkpoint per block, as the model holds its blocks: the converter writes a
+block at a time, so host memory stays near one block whatever the depth, and `load`
+reads each block straight onto the devices of the target mesh (Orbax reads only each
+device's slice), never holding a whole parameter on one device or on the host.
 
 Every writer builds the directory as a hidden temporary sibling and renames it into
 place when complete: an interrupted run leaves no partial DST, and an existing DST is
@@ -34,10 +32,9 @@ import uuid
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
@@ -170,8 +167,8 @@ def layer_tree(flat: dict[tuple[str, ...], object]) -> dict:
 def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force: bool = False):
     """Write a model's weights and config as a llama-jax checkpoint directory.
 
-    Works for a model on one device or sharded over a mesh: each block is sliced out of
-    the stacked parameters and written by Orbax from wherever it lives.
+    Works for a model on one device or sharded over a mesh: each block is written by
+    Orbax from wherever it lives.
 
     Args:
       model: a `Transformer`.
@@ -182,12 +179,6 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
       The absolute path written.
     """
     cfg = model.cfg
-    if isinstance(model.layers, nnx.List):
-        raise LlamaError(
-            "save() takes a model with stacked layers (as built, trained or loaded by "
-            "default); this one has separate blocks in the inference layout "
-            "(unstack_layers or load(..., layers='separate')). Save the stacked model."
-        )
     if tokenizer is not None:
         tokenizer = os.path.expanduser(os.fspath(tokenizer))
     if tokenizer is not None and not os.path.isfile(tokenizer):
@@ -199,7 +190,7 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
         if not cfg.tie_word_embeddings:
             write_group(tmp, top_dir(("output",)), {"output": params["output"]})
         for i in range(cfg.n_layers):
-            write_group(tmp, layer_dir(i), jax.tree.map(lambda a, i=i: a[i], params["layers"]))
+            write_group(tmp, layer_dir(i), params["layers"][i])
         write_config(tmp, cfg, tokenizer)
     return _abs(path)
 
@@ -296,11 +287,8 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
 
 def read_layer_host(path: str, cfg: LlamaConfig, layer: int) -> dict:
     """Block `layer` as host numpy arrays in its stored dtype: {"attention": {"wq": ...}}."""
-    params = _abstract_params(cfg)
-    targets = jax.tree.map(
-        lambda s: (s.shape[1:], s.dtype, None),
-        params["layers"],
-    )
+    block = _abstract_params(cfg)["layers"][0]
+    targets = jax.tree.map(lambda s: (s.shape, s.dtype, None), block)
     return read_group(path, layer_dir(layer), targets)
 
 
@@ -316,11 +304,10 @@ def read_top_host(path: str, cfg: LlamaConfig, name: tuple[str, ...]) -> np.ndar
 
 
 @functools.lru_cache(maxsize=4)
-def _abstract_params(cfg: LlamaConfig, remat: str = "none") -> dict:
-    from llama_jax.model import Transformer
+def _abstract_params(cfg: LlamaConfig) -> dict:
+    from llama_jax.model import abstract_model
 
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=remat))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
 
 
 def load(
@@ -329,102 +316,54 @@ def load(
     dtype: str | None = None,
     *,
     remat: str = "none",
-    layers: str = "stacked",
+    attention: str = "xla",
 ):
     """A ready `Transformer` from a llama-jax checkpoint, each array on its final sharding.
 
     Each block is read by Orbax straight onto the target devices (every device reads only
-    its own slice) and the blocks are stacked there; no parameter is first gathered on
-    the host or on one device. A checkpoint written from any mesh loads onto any other.
-    With layers="separate" the blocks stay separate: the model `unstack_layers` would
-    give, in the inference layout, without ever holding a stacked copy (for generation:
-    half the peak memory of loading stacked and unstacking).
+    its own slice); no parameter is first gathered on the host or on one device. A
+    checkpoint written from any mesh loads onto any other.
 
     Args:
       path: the checkpoint directory (from `convert` or `save`).
-      mesh: a `jax.sharding.Mesh` with axes among ("data", "fsdp", "tensor"); parameters
-        are placed by the rules in llama_jax.sharding. None: the first local device.
+      mesh: a `jax.sharding.Mesh` with axes among ("data", "fsdp", "tensor") or a spec for
+        `sharding.make_mesh`; parameters are placed by the rules in llama_jax.sharding.
+        None: the first local device.
       dtype: "float32", "bfloat16" or "float16" to override both the stored parameter
         dtype and the compute dtype; None keeps the recorded config.
       remat: rematerialisation policy of the returned model (see model.REMAT_POLICIES).
-      layers: "stacked" (training, saving, the layer scan) or "separate" (inference).
+      attention: the attention kernel (see model.Transformer).
     Returns:
       The model.
     """
-    from llama_jax.model import Block, Transformer, use_inference_layout
-    from llama_jax.sharding import param_shardings
+    from llama_jax.model import Transformer
+    from llama_jax.sharding import make_mesh, param_shardings
 
-    if layers not in ("stacked", "separate"):
-        raise LlamaError(f"layers={layers!r}: expected 'stacked' or 'separate'.")
+    mesh = make_mesh(mesh)
     path = _abs(path)
     cfg = load_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=remat))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+    create = lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention)
+    graphdef, state, rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     shapes = nnx.to_pure_dict(state)
     if mesh is None:
         one = SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
     else:
-        shardings = param_shardings(state, mesh)
-        if isinstance(shardings, nnx.State):
-            shardings = nnx.to_pure_dict(shardings)
-
-    def drop_layer_axis(s):
-        if isinstance(s, NamedSharding):
-            return NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
-        return s
+        shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+    targets = jax.tree.map(lambda s, sh: (s.shape, s.dtype, sh), shapes, shardings)
 
     values: dict = {}
     for name in TOP:
         if name == ("output",) and cfg.tie_word_embeddings:
             continue
-        shape = shapes[name[0]] if len(name) == 1 else shapes[name[0]][name[1]]
-        sharding = shardings[name[0]] if len(name) == 1 else shardings[name[0]][name[1]]
-        target = (shape.shape, shape.dtype, sharding)
-        tree = {name[0]: target} if len(name) == 1 else {name[0]: {name[1]: target}}
+        tree = {name[0]: targets[name[0]]}
+        if len(name) == 2:
+            tree = {name[0]: {name[1]: targets[name[0]][name[1]]}}
         values.update(read_group(path, top_dir(name), tree))
-
-    # Blocks: read each onto the per-block sharding (the stacked one without its [L] axis).
-    block_targets = jax.tree.map(
-        lambda s, sh: (s.shape[1:], s.dtype, drop_layer_axis(sh)),
-        shapes["layers"], shardings["layers"],
-    )  # fmt: skip
-    pieces = [read_group(path, layer_dir(i), block_targets) for i in range(cfg.n_layers)]
-    if layers == "separate":
-        abstract_block = nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))
-        blocks = []
-        for i in range(cfg.n_layers):
-            block_def, block_state = nnx.split(nnx.clone(abstract_block))
-            nnx.replace_by_pure_dict(block_state, pieces[i])
-            blocks.append(nnx.merge(block_def, block_state))
-            pieces[i] = None
-        nnx.replace_by_pure_dict(state, values)
-        model = nnx.merge(graphdef, state, rest)
-        model.layers = nnx.List(blocks)
-        return use_inference_layout(model)
-    flat_shard = dict(jax.tree_util.tree_flatten_with_path(shardings["layers"])[0])
-    stacked = {}
-    for key, _ in jax.tree_util.tree_flatten_with_path(shapes["layers"])[0]:
-        parts = []
-        for piece in pieces:
-            node = piece
-            for k in key:
-                node = node[k.key]
-            parts.append(node)
-        out_sharding = flat_shard[key]
-        arr = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out_sharding)(*parts)
-        for piece in pieces:  # free each block's copy as soon as it is stacked
-            node = piece
-            for k in key[:-1]:
-                node = node[k.key]
-            node[key[-1].key] = None
-        del parts
-        node = stacked
-        for k in key[:-1]:
-            node = node.setdefault(k.key, {})
-        node[key[-1].key] = arr
-    values["layers"] = stacked
+    values["layers"] = {
+        i: read_group(path, layer_dir(i), targets["layers"][i]) for i in range(cfg.n_layers)
+    }
     nnx.replace_by_pure_dict(state, values)
     return nnx.merge(graphdef, state, rest)

@@ -83,7 +83,7 @@ def model_config(vocab_size: int, seq_len: int) -> LlamaConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `llama-jax quickstart`."""
-    from llama_jax.sharding import add_mesh_argument
+    from llama_jax.cli.common import add_mesh_argument
 
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
@@ -104,7 +104,7 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "")
     """Draw training and held-out loss against step from a metrics.jsonl file.
 
     Args:
-      metrics_path: a metrics.jsonl written by `llama_jax.train.train`.
+      metrics_path: a metrics.jsonl written by `llama_jax.training.train`.
       png_path: the PNG to write.
       title: the figure's title.
     """
@@ -135,10 +135,11 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from llama_jax import checkpoint, data, train
-    from llama_jax.generate import generate_text
+    from llama_jax import checkpoint, training
+    from llama_jax.inference.generate import generate_text
     from llama_jax.sharding import describe_mesh, make_mesh
     from llama_jax.tokenizer import Tokenizer, train_sentencepiece
+    from llama_jax.training import data
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = model_config(tokenizer.vocab_size, args.seq_len)
     mesh = make_mesh(args.mesh)
     dtype = args.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
-    tc = train.TrainConfig(
+    tc = training.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         learning_rate=args.lr, warmup_steps=max(1, args.steps // 20), min_lr_ratio=0.1,
         weight_decay=0.1, compute_dtype=dtype, seed=args.seed,
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {cfg.num_params() / 1e6:.1f}M parameters (D={cfg.dim}, L={cfg.n_layers}, "
           f"N={cfg.n_heads}, K={cfg.kv_heads}, V={cfg.vocab_size}); {describe_mesh(mesh)}; "
           f"{len(train_ds)} rows of {args.seq_len} tokens; matmuls in {dtype}")  # fmt: skip
-    result = train.train(cfg, tc, train_ds, out / "run", eval_ds, mesh=mesh,
+    result = training.train(cfg, tc, train_ds, out / "run", eval_ds, mesh=mesh,
                          progress=not args.no_progress)  # fmt: skip
     if result.preempted:
         print(f"stopped by SIGTERM; run the same command to resume from {out / 'run'}")

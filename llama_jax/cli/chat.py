@@ -13,13 +13,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from llama_jax.cli.generate import add_sampling_arguments, load_for_generation
 from llama_jax.errors import LlamaError
-from llama_jax.generate import (
-    CACHE_FULL,
-    add_sampling_arguments,
-    generate_text,
-    load_for_generation,
-)
+from llama_jax.inference.generate import CACHE_FULL, generate_text
 
 
 def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], int]:

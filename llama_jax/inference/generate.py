@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import sharding
-from llama_jax.attention import KVCache
 from llama_jax.errors import LlamaError
-from llama_jax.sampling import SamplingParams, sample
+from llama_jax.inference.sampling import SamplingParams, sample
+from llama_jax.model import KVCache
 
 MIN_BUCKET = 16
 MIN_CACHE = 128
@@ -130,7 +130,7 @@ def _prefill(graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_le
         # logits and the output projection with them.
         _, cache = model(tokens[:, :-1], positions[:, :-1], mask[:, :-1], cache)
     logits, cache = model(tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
-    first = sample(_whole_vocab(logits[:, 0]), jax.random.fold_in(key, 0), **sampling)
+    first = sample(logits[:, 0], jax.random.fold_in(key, 0), **sampling)
     ds = DecodeState(
         cache=cache,
         token=first,
@@ -143,21 +143,10 @@ def _prefill(graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_le
     return _finish(ds, first, stop_ids, pad_id)
 
 
-def _whole_vocab(logits: jax.Array) -> jax.Array:
-    """[B, V] logits whole on every device: sampling sorts whole rows, and the decode
-    state it feeds (a few ints per row) is kept replicated.
-
-    Only Explicit-axes meshes need this said; under Auto axes XLA gathers by itself.
-    """
-    if sharding.explicit_mesh(logits) is None:
-        return logits
-    return jax.sharding.reshard(logits, jax.sharding.PartitionSpec())
-
-
 def _step(model, ds: DecodeState, stop_ids, sampling, key, pad_id) -> DecodeState:
     """One decode step: feed each row's latest token, sample the next."""
     logits, cache = model(ds.token[:, None], ds.position[:, None], None, ds.cache)
-    new = sample(_whole_vocab(logits[:, 0]), jax.random.fold_in(key, ds.step), **sampling)
+    new = sample(logits[:, 0], jax.random.fold_in(key, ds.step), **sampling)
     ds = dataclasses.replace(ds, cache=cache, position=ds.position + 1)
     return _finish(ds, new, stop_ids, pad_id)
 
@@ -519,141 +508,3 @@ def generate_text(
             check_stop(i)
         emit(i, final=True)
     return result(texts)
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-def add_sampling_arguments(p, max_new_tokens: int) -> None:
-    """The flags `generate` and `chat` share: checkpoint, tokenizer, sampling, mesh."""
-    from llama_jax.sharding import add_mesh_argument
-
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="a llama-jax checkpoint directory (from `llama-jax convert`)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        metavar="FILE",
-        help="tokenizer.model to use (default: the one in the checkpoint)",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.6,
-        help="0 for greedy decoding (default 0.6, Meta's example setting)",
-    )
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1]")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k best")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="compute and parameter dtype (default: as stored)",
-    )
-    p.add_argument("--cache-len", type=int, default=None,
-                   help="KV cache slots (default: enough for prompt and answer, at most the "
-                   "model's context)")  # fmt: skip
-    add_mesh_argument(p)
-
-
-def load_for_generation(args):
-    """(model, tokenizer) from the command-line flags, checked against each other."""
-    import os
-
-    import llama_jax
-    from llama_jax.sharding import describe_mesh, make_mesh, print0
-    from llama_jax.tokenizer import Tokenizer
-
-    if not os.path.isdir(args.checkpoint):
-        raise LlamaError(f"--checkpoint {args.checkpoint}: no such directory.")
-    if args.tokenizer is None and not os.path.isfile(
-        os.path.join(args.checkpoint, "tokenizer.model")
-    ):
-        raise LlamaError(
-            f"--checkpoint {args.checkpoint} holds no tokenizer.model; pass --tokenizer FILE."
-        )
-    tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # check flags early
-    mesh = make_mesh(args.mesh)
-    # Separate per-layer arrays decode about twice as fast as the layer scan's stacked ones
-    # (see model.unstack_layers); loaded that way directly, no stacked copy is ever made.
-    model = llama_jax.load(args.checkpoint, mesh=mesh, dtype=args.dtype, layers="separate")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise LlamaError(
-            f"The tokenizer ({getattr(tokenizer, 'source', '?')}) has {tokenizer.vocab_size} ids "
-            f"but the model only {model.cfg.vocab_size}: they do not belong together. Pass the "
-            "tokenizer.model that came with the weights (--tokenizer)."
-        )
-    print0(f"{model.cfg.name or 'model'}: {tokenizer.kind} tokenizer, {describe_mesh(mesh)}",
-           file=__import__("sys").stderr)  # fmt: skip
-    return model, tokenizer
-
-
-def add_arguments(p) -> None:
-    """Flags of `llama-jax generate`."""
-    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                   help="the prompt; repeat the flag for a batch of prompts")  # fmt: skip
-    p.add_argument(
-        "--chat",
-        action="store_true",
-        help="wrap each prompt as a user message in the model's chat format",
-    )
-    p.add_argument("--system", default=None, help="system prompt (with --chat)")
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help="a string that ends the text (repeatable)",
-    )
-    add_sampling_arguments(p, max_new_tokens=256)
-
-
-def run(args) -> int:
-    """`llama-jax generate`: print the continuation of each prompt, streaming a single one."""
-    import sys
-    import time
-
-    from llama_jax.sharding import is_main_process
-
-    model, tokenizer = load_for_generation(args)
-    if args.chat:
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        prompts = [[*system, {"role": "user", "content": p}] for p in args.prompt]
-    else:
-        if args.system:
-            raise LlamaError("--system needs --chat.")
-        prompts = list(args.prompt)
-    show = is_main_process()
-    single = len(prompts) == 1
-
-    def on_text(row, text):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    if show and single and not args.chat:
-        sys.stdout.write(args.prompt[0])
-    start = time.perf_counter()
-    texts, reasons = generate_text(
-        model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
-        args.top_p, args.seed, chat=args.chat, stop=args.stop, cache_len=args.cache_len,
-        on_text=on_text if show and single else None, return_finish_reasons=True,
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    if show:
-        if single:
-            print()
-        else:
-            for i, (prompt, text) in enumerate(zip(args.prompt, texts, strict=True)):
-                print(f"--- prompt {i}: {prompt}\n{text}")
-        for i, reason in enumerate(reasons):
-            if reason == CACHE_FULL:
-                print(f"[prompt {i}: stopped because the KV cache is full (the model's context "
-                      f"is {model.cfg.max_seq_len} tokens)]", file=sys.stderr)  # fmt: skip
-        print(f"[{seconds:.1f} s, compilation included]", file=sys.stderr)
-    return 0

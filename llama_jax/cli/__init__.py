@@ -1,8 +1,8 @@
 """The `llama-jax` command.
 
-Each subcommand lives in the module that does the work and provides two functions,
-`add_arguments(parser)` and `run(args)`; this file only lists them, and imports just the
-module of the command being run to build its flags.
+Each subcommand is a module with two functions, `add_arguments(parser)` and `run(args)`;
+this file only lists them, and imports just the module of the command being run to
+build its flags.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from llama_jax.errors import LlamaError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("llama_jax.info", "describe a preset: shapes, parameters, memory; run a forward"),
+    "info": ("llama_jax.cli.info", "describe a preset: shapes, parameters, memory; run a forward"),
     "convert": ("llama_jax.checkpoint.convert", "Meta or Hugging Face weights -> a checkpoint"),
     "export": ("llama_jax.checkpoint.export", "a checkpoint -> Hugging Face or Meta weights"),
-    "generate": ("llama_jax.generate", "continue a prompt (streamed), greedy or sampled"),
-    "chat": ("llama_jax.chat", "an interactive chat with history in the model's chat format"),
-    "train": ("llama_jax.train", "train or fine-tune on text/JSONL, sharded, resumable"),
-    "quickstart": ("llama_jax.quickstart", "train a small LLaMA on the stdlib, end to end"),
+    "generate": ("llama_jax.cli.generate", "continue a prompt (streamed), greedy or sampled"),
+    "chat": ("llama_jax.cli.chat", "an interactive chat with history in the model's chat format"),
+    "train": ("llama_jax.cli.train", "train or fine-tune on text/JSONL, sharded, resumable"),
+    "quickstart": ("llama_jax.cli.quickstart", "train a small LLaMA on the stdlib, end to end"),
 }
 
 
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         if hasattr(args, "coordinator"):
-            # A command with the multi-host flags (sharding.add_mesh_argument):
+            # A command with the multi-host flags (cli.common.add_mesh_argument):
             # jax.distributed must start before the command touches JAX.
-            from llama_jax.sharding import initialize_from_args
+            from llama_jax.cli.common import initialize_from_args
 
             initialize_from_args(args)
         return importlib.import_module(args._module).run(args) or 0
@@ -58,7 +58,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The small pieces of a LLaMA block: RMSNorm, rotary embedding and the SwiGLU MLP.
 
-Dimension letters (see model.py): B batch, T query length, D model width, F MLP width,
-N query heads, H head dim.
+Dimension letters (see transformer.py): B batch, T query length, D model width,
+F MLP width, N query heads, H head dim.
 """
 
 from __future__ import annotations
@@ -12,57 +12,32 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.config import LlamaConfig, RopeScaling
-from llama_jax.sharding import constrain
+from llama_jax.sharding.rules import constrain
 
 # Weights start as N(0, 0.02), like Hugging Face's LlamaConfig.initializer_range.
 INIT_STD = 0.02
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    """`"bfloat16"` -> `jnp.bfloat16`; configs keep dtypes as strings so they stay JSON."""
-    return jnp.dtype(name)
+def linear(spec: str, x: jax.Array, w, dtype, out_dtype=None) -> jax.Array:
+    """Activations times a weight matrix: `jnp.einsum(spec, x, w)` computed in `dtype`.
 
-
-def on_cpu() -> bool:
-    """True when JAX computes on the CPU (decides the CPU-specific paths at trace time)."""
-    return jax.default_backend() == "cpu"
-
-
-def dense(x: jax.Array, w: jax.Array, out_dtype=None, *, transposed: bool = False) -> jax.Array:
-    """[M, K] x [K, N] -> [M, N], accumulated in float32, returned in `out_dtype` (x's dtype).
-
-    On the CPU, bfloat16 products take XLA's fast path (XNNPACK's bfloat16 kernels, about
-    twice float32's speed) only when they return float32 and have at least two rows; with a
-    bfloat16 result or a single row XLA converts both operands to float32 first, which made
-    bfloat16 decoding several times slower than float32. So there a single row is doubled
-    and the result is computed in float32, then rounded: the same numbers as the plain
-    product (which accumulates in float32 too), at bfloat16's speed.
+    Every matrix product of the model goes through here. `w` is a parameter, or a module
+    that computes the same product its own way: an int8 weight with its scales
+    (`llama_jax.inference.int8`) or a weight with a LoRA adapter (`llama_jax.training.lora`).
 
     Args:
-      x: [M, K].
-      w: [K, N], or [N, K] with `transposed` (see `inference_layout`).
-      out_dtype: the result's dtype; default x's.
-      transposed: w is stored output-first.
+      spec: the einsum, e.g. "BTD,DNH->BTNH".
+      x: the activations.
+      w: an nnx.Param, or an nnx.Module called as `w(spec, x, dtype, out_dtype)`.
+      dtype: the dtype the product's inputs are cast to.
+      out_dtype: the result's dtype (the logits ask for float32); default `dtype`.
+    Returns:
+      The product.
     """
-    out_dtype = out_dtype or x.dtype
-    dims = (((1,), (1 if transposed else 0,)), ((), ()))
-    if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and on_cpu():
-        rows = x.shape[0]
-        xx = jnp.concatenate([x, x]) if rows == 1 else x
-        y = jax.lax.dot_general(xx, w, dims, preferred_element_type=jnp.float32)
-        return y[:rows].astype(out_dtype)
-    if out_dtype == x.dtype:
-        return jax.lax.dot_general(x, w, dims)
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype).astype(out_dtype)
-
-
-def inference_layout(param_dtype) -> bool:
-    """Whether `unstack_layers` stores matrices output-first ([out, in]) for inference.
-
-    On the CPU, XLA's bfloat16 products ran 15-20% faster with the weight's input axis
-    contiguous (contracting the minor axis of both operands); float32 ones ran slower.
-    """
-    return jnp.dtype(param_dtype) == jnp.bfloat16 and on_cpu()
+    if isinstance(w, nnx.Module):
+        return w(spec, x, dtype, out_dtype)
+    y = jnp.einsum(spec, x.astype(dtype), w[...].astype(dtype), preferred_element_type=out_dtype)
+    return y if out_dtype is None else y.astype(out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -73,7 +48,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, *, param_dtype: str = "float32"):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype_of(param_dtype)))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -135,28 +110,13 @@ class FeedForward(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         D, F = cfg.dim, cfg.ffn_hidden_dim
         init = nnx.initializers.normal(INIT_STD)
-        pdt = dtype_of(cfg.param_dtype)
-        self.dtype = dtype_of(cfg.dtype)
-        self.w1 = nnx.Param(init(rngs.params(), (D, F), pdt))
-        self.w3 = nnx.Param(init(rngs.params(), (D, F), pdt))
-        self.w2 = nnx.Param(init(rngs.params(), (F, D), pdt))
-        # True when the matrices are stored output-first (w1, w3 [F, D], w2 [D, F]): the
-        # inference layout that unstack_layers chooses for bfloat16 on the CPU.
-        self.transposed = False
+        self.dtype = cfg.dtype
+        self.w1 = nnx.Param(init(rngs.params(), (D, F), cfg.param_dtype))
+        self.w3 = nnx.Param(init(rngs.params(), (D, F), cfg.param_dtype))
+        self.w2 = nnx.Param(init(rngs.params(), (F, D), cfg.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt, tr = self.dtype, self.transposed
-        B, T, D = x.shape
-        # 'BTD,DF->BTF' and 'BTF,FD->BTD' as [B*T, ...] matrix products (free reshapes).
-        x2 = x.reshape(B * T, D)
-        gate = dense(x2, self.w1[...].astype(dt), transposed=tr).reshape(B, T, -1)
-        up = dense(x2, self.w3[...].astype(dt), transposed=tr).reshape(B, T, -1)
+        gate = linear("BTD,DF->BTF", x, self.w1, self.dtype)
+        up = linear("BTD,DF->BTF", x, self.w3, self.dtype)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        out = dense(hidden.reshape(B * T, -1), self.w2[...].astype(dt), transposed=tr)
-        return out.reshape(B, T, D)
-
-    def transpose_weights(self) -> None:
-        """Switch between input-first and output-first storage (see `transposed`)."""
-        for name in ("w1", "w2", "w3"):
-            setattr(self, name, nnx.Param(getattr(self, name)[...].T))
-        self.transposed = not self.transposed
+        return linear("BTF,FD->BTD", hidden, self.w2, self.dtype)

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", nargs="?", default="tiny", help="preset name (default: tiny)")
     p.add_argument("--forward", action="store_true", help="run a forward pass on random weights")
     p.add_argument("--list", action="store_true", help="list every preset and exit")
-    from llama_jax.sharding import add_mesh_argument
+    from llama_jax.cli.common import add_mesh_argument
 
     add_mesh_argument(p)
     p.add_argument(

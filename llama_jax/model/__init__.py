@@ -1,0 +1,32 @@
+"""The model, in reading order: layers, attention, the KV cache, the transformer."""
+
+from llama_jax.model.attention import Attention, attend
+from llama_jax.model.kv_cache import KVCache
+from llama_jax.model.layers import FeedForward, RMSNorm, apply_rope, linear, rope_frequencies
+from llama_jax.model.transformer import (
+    REMAT_POLICIES,
+    Block,
+    Transformer,
+    abstract_model,
+    build_model,
+    count_params,
+    set_params,
+)
+
+__all__ = [
+    "REMAT_POLICIES",
+    "Attention",
+    "Block",
+    "FeedForward",
+    "KVCache",
+    "RMSNorm",
+    "Transformer",
+    "abstract_model",
+    "apply_rope",
+    "attend",
+    "build_model",
+    "count_params",
+    "linear",
+    "rope_frequencies",
+    "set_params",
+]
