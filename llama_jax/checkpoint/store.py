@@ -470,12 +470,14 @@ def check_group(where: str) -> None:
     manifest = os.path.join(where, "manifest.ocdbt")
     if not os.path.isfile(manifest):
         raise _broken(where, "manifest.ocdbt is missing")
+    data_files = 0
     for dirpath, _, files in os.walk(where):
         for name in files:
             file = os.path.join(dirpath, name)
             manifest_file = name == "manifest.ocdbt"
             if not manifest_file and os.path.basename(dirpath) != "d":
                 continue
+            data_files += not manifest_file
             try:
                 with open(file, "rb") as f:
                     head = f.read(len(_OCDBT_MAGIC))
@@ -485,6 +487,8 @@ def check_group(where: str) -> None:
             # array bytes) can only be checked for being there and non-empty.
             if not head or (manifest_file and head != _OCDBT_MAGIC):
                 raise _broken(where, f"{file} is empty, truncated or overwritten")
+    if not data_files:
+        raise _broken(where, "its data files (d/) are missing")
 
 
 def read_layer_host(path: str, cfg: LlamaConfig, layer: int) -> dict:
