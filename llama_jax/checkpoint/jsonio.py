@@ -77,7 +77,7 @@ def read_json(path: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
                     f"{path}: {size} bytes, more than the {max_bytes} a config or index file "
                     "may have; this is not the file it should be."
                 )
-            raw = f.read(max_bytes + 1)
+            raw = f.read(size + 1)  # read(n) allocates n bytes up front
     except OSError as e:
         raise LlamaError(f"{path}: cannot read it ({e.strerror or e}).") from None
     return loads(raw, path)
