@@ -180,7 +180,7 @@ class MetaSource(Source):
             cfg = config_from_meta(params, has_output=has_output, notes=self.notes, **overrides)
         except LlamaError as e:
             raise LlamaError(f"{params_path}: {str(e).removeprefix('params.json: ')}") from None
-        _check_layers(paths[0], self.shards[0], r"layers\.(\d+)\.", cfg, "params.json")
+        _check_layers(paths[0], self.shards[0], r"layers\.(\d{1,9})\.", cfg, "params.json")
         first = self.shards[0]
         if "tok_embeddings.weight" not in first:
             raise LlamaError(f"{paths[0]}: tensor 'tok_embeddings.weight' is missing.")
@@ -307,7 +307,7 @@ class HFSource(Source):
         except LlamaError as e:
             raise LlamaError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
         self.tensors = self._index(src)
-        _check_layers(src, self.tensors, r"model\.layers\.(\d+)\.", cfg, "config.json")
+        _check_layers(src, self.tensors, r"model\.layers\.(\d{1,9})\.", cfg, "config.json")
         if "model.embed_tokens.weight" not in self.tensors:
             raise LlamaError(f"{src}: tensor 'model.embed_tokens.weight' is missing.")
         emb = self.tensors["model.embed_tokens.weight"]
