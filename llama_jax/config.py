@@ -14,11 +14,67 @@ built, so a config that cannot work fails at construction with the field's name.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 from typing import Any
 
 from llama_jax.errors import LlamaError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+# Bounds on every size field: an order of magnitude above the largest release (405B:
+# dim 16384, 126 layers, 128 heads, FFN 53248, vocabulary 128256, context 131072), so a
+# typo or a hostile file is refused before anything is sized from it.
+_MAX = dict(dim=2**20, n_layers=2**14, n_heads=2**14, n_kv_heads=2**14, vocab_size=2**24)
+_MAX.update(multiple_of=2**22, ffn_dim=2**22, max_seq_len=2**26, original_max_seq_len=2**26)
+
+
+def check_int(where: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    """`value` if it is an integer in [low, high] (bools refused), else a LlamaError.
+
+    Args:
+      where: the field's name for the message, e.g. "LlamaConfig.dim".
+      value: the value to check.
+      low, high: the inclusive range.
+    Returns:
+      The value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LlamaError(f"{where} must be an integer, got {_short(value)}.")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise LlamaError(f"{where} must be {bound}, got {value}.")
+    return value
+
+
+def check_real(where: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
+    """`value` as a float if it is a finite real number with low < value < high.
+
+    Args:
+      where: the field's name for the message.
+      value: an int or float (bools, strings, NaN and infinities are refused).
+      low, high: the exclusive range.
+    Returns:
+      float(value).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LlamaError(f"{where} must be a number, got {_short(value)}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise LlamaError(f"{where} must be finite, got {value}.")
+    if not low < value < high:
+        raise LlamaError(f"{where} must be greater than {low} and less than {high}, got {value}.")
+    return value
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages (a hostile file may hold megabytes in one field)."""
+    return _REPR.repr(value) + f" ({type(value).__name__})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,21 +96,19 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type != "llama3":
             raise LlamaError(
-                f"rope_scaling.rope_type={self.rope_type!r} is not supported: LLaMA models use "
-                "'llama3' scaling (Llama 3.1/3.2) or none at all (rope_scaling=None)."
+                f"rope_scaling.rope_type={_short(self.rope_type)} is not supported: LLaMA models "
+                "use 'llama3' scaling (Llama 3.1/3.2) or none at all (rope_scaling=None)."
             )
-        if self.factor <= 0:
-            raise LlamaError(f"rope_scaling.factor must be positive, got {self.factor}.")
-        if not 0 < self.low_freq_factor < self.high_freq_factor:
+        for field in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = check_real(f"rope_scaling.{field}", getattr(self, field), high=1e6)
+            object.__setattr__(self, field, value)
+        if not self.low_freq_factor < self.high_freq_factor:
             raise LlamaError(
                 "rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
                 f"low_freq_factor={self.low_freq_factor}, high_freq_factor={self.high_freq_factor}."
             )
-        if self.original_max_seq_len <= 0:
-            raise LlamaError(
-                "rope_scaling.original_max_seq_len must be positive, "
-                f"got {self.original_max_seq_len}."
-            )
+        limit = _MAX["original_max_seq_len"]
+        check_int("rope_scaling.original_max_seq_len", self.original_max_seq_len, high=limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +117,8 @@ class LlamaConfig:
 
     Field names follow Meta's `params.json` (dim, n_layers, n_heads, ...). The FFN width
     is either given outright (`ffn_dim`, as HF's `intermediate_size`) or derived with
-    Meta's rule from `multiple_of` and `ffn_dim_multiplier`.
+    Meta's rule from `multiple_of` and `ffn_dim_multiplier`. Translations from and to
+    Meta's and Hugging Face's config files live in `llama_jax.checkpoint.configs`.
     """
 
     dim: int = 4096  # D, model width
@@ -84,19 +139,47 @@ class LlamaConfig:
     name: str = "custom"
 
     def __post_init__(self):
+        # The one validation of every field, whatever built the config (a preset, Meta's
+        # params.json, HF's config.json, llama_jax.json): types, finiteness, ranges.
         if isinstance(self.rope_scaling, dict):
+            known = {f.name for f in dataclasses.fields(RopeScaling)}
+            unknown = sorted(map(str, set(self.rope_scaling) - known))
+            if unknown:
+                raise LlamaError(
+                    f"rope_scaling has unknown field(s) {unknown}; known: {sorted(known)}."
+                )
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        for field in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise LlamaError(f"LlamaConfig.{field} must be a positive integer, got {value!r}.")
-        if self.n_kv_heads is not None and (
-            not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0
-        ):
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise LlamaError(
-                "LlamaConfig.n_kv_heads must be a positive integer or None, "
-                f"got {self.n_kv_heads!r}."
+                "LlamaConfig.rope_scaling must be null or an object, got "
+                f"{_short(self.rope_scaling)}."
             )
+        for field in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            check_int(f"LlamaConfig.{field}", getattr(self, field), high=_MAX[field])
+        for field in ("n_kv_heads", "ffn_dim"):
+            if getattr(self, field) is not None:
+                check_int(f"LlamaConfig.{field}", getattr(self, field), high=_MAX[field])
+        object.__setattr__(
+            self, "norm_eps", check_real("LlamaConfig.norm_eps", self.norm_eps, high=1.0)
+        )
+        object.__setattr__(
+            self, "rope_theta", check_real("LlamaConfig.rope_theta", self.rope_theta, high=1e12)
+        )
+        if self.ffn_dim_multiplier is not None:
+            value = check_real("LlamaConfig.ffn_dim_multiplier", self.ffn_dim_multiplier, high=1e3)
+            object.__setattr__(self, "ffn_dim_multiplier", value)
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise LlamaError(
+                f"LlamaConfig.tie_word_embeddings must be true or false, got "
+                f"{_short(self.tie_word_embeddings)}."
+            )
+        if not isinstance(self.name, str):
+            raise LlamaError(f"LlamaConfig.name must be a string, got {_short(self.name)}.")
+        for field in ("param_dtype", "dtype"):
+            if not isinstance(getattr(self, field), str) or getattr(self, field) not in DTYPES:
+                raise LlamaError(
+                    f"LlamaConfig.{field}={_short(getattr(self, field))} is not one of {DTYPES}."
+                )
         if self.dim % self.n_heads:
             raise LlamaError(
                 f"LlamaConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; "
@@ -113,17 +196,13 @@ class LlamaConfig:
                 f"LlamaConfig head dim dim/n_heads={self.head_dim} is odd; rotary embedding "
                 "rotates pairs of features, so it must be even."
             )
-        if self.ffn_dim is not None and self.ffn_dim <= 0:
-            raise LlamaError(f"LlamaConfig.ffn_dim must be positive, got {self.ffn_dim}.")
-        if self.norm_eps <= 0:
-            raise LlamaError(f"LlamaConfig.norm_eps must be positive, got {self.norm_eps}.")
-        if self.rope_theta <= 0:
-            raise LlamaError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}.")
-        for field in ("param_dtype", "dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise LlamaError(
-                    f"LlamaConfig.{field}={getattr(self, field)!r} is not one of {DTYPES}."
-                )
+        if not 1 <= self.ffn_hidden_dim <= _MAX["ffn_dim"]:
+            raise LlamaError(
+                f"LlamaConfig FFN width {self.ffn_hidden_dim} (from "
+                f"multiple_of={self.multiple_of}, "
+                f"ffn_dim_multiplier={self.ffn_dim_multiplier}) must be between 1 and "
+                f"{_MAX['ffn_dim']}."
+            )
 
     # Derived values ---------------------------------------------------------------
 
@@ -169,154 +248,25 @@ class LlamaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-        """Build a config from `to_dict` output, naming any unknown field."""
+    def from_dict(cls, data: Any) -> LlamaConfig:
+        """Build a config from `to_dict` output (llama_jax.json), validated like any other.
+
+        Args:
+          data: a dict of LlamaConfig fields (rope_scaling as a dict or null).
+        Returns:
+          The config.
+        Raises:
+          LlamaError: not a dict, an unknown field, or a field of the wrong type or range.
+        """
+        if not isinstance(data, dict):
+            raise LlamaError(f"a LlamaConfig must be a JSON object, got {_short(data)}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise LlamaError(
                 f"Unknown LlamaConfig field(s) {unknown}; known fields: {sorted(known)}."
             )
         return cls(**data)
-
-    # Translations to and from the checkpoints' own config files -------------------
-
-    @classmethod
-    def from_meta_params(cls, params: dict[str, Any], **overrides: Any) -> LlamaConfig:
-        """Read Meta's `params.json` (every Llama 1 to 3.2 release).
-
-        `n_kv_heads` absent means plain MHA; `vocab_size` of -1 (Llama 1/2 files) means
-        32000; `use_scaled_rope` turns on Llama 3.1 scaling, with factor 32 for the 3.2
-        models with tied embeddings (their files do not say it) and 8 otherwise. Meta's
-        files do not record the context length either: it is taken from the release the
-        file belongs to (2048 for Llama 1's norm_eps 1e-6, 4096 for Llama 2, 8192 for
-        Llama 3's 128256-token vocabulary, 131072 with scaled rope).
-        """
-        p = dict(params)
-        vocab = p.get("vocab_size", -1)
-        scaling = None
-        if p.get("use_scaled_rope"):
-            factor = p.get("rope_scaling_factor")
-            if factor is None:
-                factor = 32.0 if p["dim"] <= 3072 else 8.0
-            scaling = RopeScaling(factor=float(factor))
-        known = {
-            "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-            "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
-            "max_batch_size", "rope_scaling_factor",
-        }  # fmt: skip
-        unknown = sorted(set(p) - known)
-        if unknown:
-            raise LlamaError(f"params.json has unknown field(s) {unknown}; known: {sorted(known)}.")
-        kw: dict[str, Any] = dict(
-            dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-            n_kv_heads=p.get("n_kv_heads"), vocab_size=32000 if vocab in (-1, None) else vocab,
-            multiple_of=p.get("multiple_of", 256), ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
-            norm_eps=p.get("norm_eps", 1e-5), rope_theta=float(p.get("rope_theta", 10000.0)),
-            rope_scaling=scaling,
-        )  # fmt: skip
-        if "max_seq_len" in p:
-            kw["max_seq_len"] = p["max_seq_len"]
-        elif scaling is not None:
-            kw["max_seq_len"] = 131072
-        elif kw["vocab_size"] == 128256:
-            kw["max_seq_len"] = 8192
-        elif kw["norm_eps"] == 1e-6:
-            kw["max_seq_len"] = 2048
-        if scaling is not None and scaling.factor == 32.0:
-            kw["tie_word_embeddings"] = True
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_meta_params(self) -> dict[str, Any]:
-        """Meta's `params.json` for this config (what `from_meta_params` reads back)."""
-        p: dict[str, Any] = {
-            "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
-            "vocab_size": self.vocab_size, "multiple_of": self.multiple_of,
-            "norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-            "max_seq_len": self.max_seq_len,
-        }  # fmt: skip
-        if self.n_kv_heads is not None:
-            p["n_kv_heads"] = self.n_kv_heads
-        if self.ffn_dim_multiplier is not None:
-            p["ffn_dim_multiplier"] = self.ffn_dim_multiplier
-        if self.rope_scaling is not None:
-            p["use_scaled_rope"] = True
-            p["rope_scaling_factor"] = self.rope_scaling.factor
-        return p
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any], **overrides: Any) -> LlamaConfig:
-        """Read a Hugging Face `config.json` of a LlamaForCausalLM.
-
-        Both layouts are understood: the older top-level `rope_theta` + `rope_scaling`
-        and the newer `rope_parameters` dict.
-        """
-        c = dict(config)
-        archs = c.get("architectures") or ["LlamaForCausalLM"]
-        if c.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
-            raise LlamaError(
-                f"config.json describes model_type={c.get('model_type')!r}, "
-                f"architectures={archs}; only LlamaForCausalLM (model_type 'llama') is supported."
-            )
-        rope = c.get("rope_parameters") or {}
-        theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        scaling_dict = c.get("rope_scaling") or rope
-        rope_type = scaling_dict.get("rope_type", scaling_dict.get("type", "default"))
-        scaling = None
-        if rope_type not in ("default", None):
-            if rope_type != "llama3":
-                raise LlamaError(
-                    f"config.json asks for rope_type={rope_type!r}; LLaMA checkpoints use "
-                    "'llama3' scaling or 'default'."
-                )
-            scaling = RopeScaling(
-                factor=float(scaling_dict["factor"]),
-                low_freq_factor=float(scaling_dict["low_freq_factor"]),
-                high_freq_factor=float(scaling_dict["high_freq_factor"]),
-                original_max_seq_len=int(scaling_dict["original_max_position_embeddings"]),
-            )
-        dim, n_heads = c["hidden_size"], c["num_attention_heads"]
-        head_dim = c.get("head_dim") or dim // n_heads
-        if head_dim * n_heads != dim:
-            raise LlamaError(
-                f"config.json has head_dim={head_dim} with hidden_size={dim} and "
-                f"num_attention_heads={n_heads}; LLaMA needs head_dim = hidden_size / heads."
-            )
-        kw: dict[str, Any] = dict(
-            dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-            ffn_dim=c["intermediate_size"], norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta, rope_scaling=scaling,
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            max_seq_len=int(c.get("max_position_embeddings", 4096)),
-        )  # fmt: skip
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict that transformers' LlamaForCausalLM loads."""
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            s = self.rope_scaling
-            rope.update(
-                rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                high_freq_factor=s.high_freq_factor,
-                original_max_position_embeddings=s.original_max_seq_len,
-            )  # fmt: skip
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.kv_heads,
-            "head_dim": self.head_dim, "vocab_size": self.vocab_size,
-            "intermediate_size": self.ffn_hidden_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else dict(rope),
-            "rope_parameters": rope, "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": self.param_dtype, "dtype": self.param_dtype,
-        }  # fmt: skip
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: 2 per weight multiply-add, plus attention scores.

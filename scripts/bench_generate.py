@@ -39,6 +39,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
+from llama_jax.checkpoint.configs import config_to_hf  # noqa: E402
 from llama_jax.checkpoint.layout import params_from_hf  # noqa: E402
 from llama_jax.model import set_params, unstack_layers  # noqa: E402
 
@@ -46,7 +47,7 @@ from llama_jax.model import set_params, unstack_layers  # noqa: E402
 def make_models(cfg: lj.LlamaConfig, seed: int = 0):
     """(transformers model, llama-jax model) with the same random float32 weights."""
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).float().eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg))).float().eval()
     hf.generation_config.eos_token_id = None
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     ours = unstack_layers(

@@ -70,8 +70,10 @@ def torch_step_times(cfg, tc: training.TrainConfig, data: list[np.ndarray], warm
     import torch
     import transformers
 
+    from llama_jax.checkpoint.configs import config_to_hf
+
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**cfg.to_hf())
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(cfg))
     hf_cfg._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(hf_cfg).float().train()
     decay = [p for n, p in model.named_parameters() if "norm" not in n]

@@ -168,11 +168,12 @@ def torch_peer(cfg: LlamaConfig, threads: int):
     import torch
     import transformers
 
+    from llama_jax.checkpoint.configs import config_to_hf
     from llama_jax.checkpoint.layout import params_from_hf
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**cfg.replace(param_dtype="float32").to_hf())
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(cfg.replace(param_dtype="float32")))
     hf_cfg._attn_implementation = "sdpa"  # transformers' fastest CPU attention
     hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}

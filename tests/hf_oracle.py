@@ -11,13 +11,14 @@ import torch
 import transformers
 
 from llama_jax import LlamaConfig
+from llama_jax.checkpoint.configs import config_to_hf
 from llama_jax.checkpoint.layout import params_from_hf
 
 
 def make_hf_model(cfg: LlamaConfig, seed: int = 0, std: float = 0.15):
     """A random `LlamaForCausalLM` in float32 with the architecture of `cfg`."""
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**cfg.to_hf())
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(cfg))
     hf_cfg._attn_implementation = "eager"
     model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     with torch.no_grad():

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import llama_jax as lj
+from llama_jax.checkpoint.configs import config_from_hf, config_from_meta, config_to_hf
 
 # Published parameter counts (Meta's model cards / the HF checkpoints' totals).
 PUBLISHED = {
@@ -77,10 +78,10 @@ def test_unknown_preset_lists_known_names():
 def test_config_round_trips_through_json_and_checkpoint_formats():
     for cfg in lj.PRESETS.values():
         assert lj.LlamaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-        hf = lj.LlamaConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
+        hf = config_from_hf(json.loads(json.dumps(config_to_hf(cfg))))
         assert hf.num_params() == cfg.num_params()
         assert hf.rope_scaling == cfg.rope_scaling and hf.rope_theta == cfg.rope_theta
-    meta = lj.LlamaConfig.from_meta_params(
+    meta = config_from_meta(
         {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
          "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05,
          "rope_theta": 500000.0, "use_scaled_rope": True}
@@ -88,12 +89,12 @@ def test_config_round_trips_through_json_and_checkpoint_formats():
     assert meta.num_params() == PUBLISHED["llama3.2-1b"]
     assert meta.rope_scaling.factor == 32.0 and meta.tie_word_embeddings
     assert meta.max_seq_len == 131072
-    llama2 = lj.LlamaConfig.from_meta_params(
+    llama2 = config_from_meta(
         {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
          "vocab_size": -1}
     )  # fmt: skip
     assert llama2.num_params() == PUBLISHED["llama2-7b"] and llama2.max_seq_len == 4096
-    llama1 = lj.LlamaConfig.from_meta_params(
+    llama1 = config_from_meta(
         {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06,
          "vocab_size": -1}
     )  # fmt: skip
@@ -101,13 +102,13 @@ def test_config_round_trips_through_json_and_checkpoint_formats():
 
 
 def test_hf_config_newer_rope_parameters_layout():
-    hf = lj.PRESETS["llama3.1-8b"].to_hf()
+    hf = config_to_hf(lj.PRESETS["llama3.1-8b"])
     hf.pop("rope_theta")
     hf.pop("rope_scaling")
-    cfg = lj.LlamaConfig.from_hf(hf)
+    cfg = config_from_hf(hf)
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.factor == 8.0
 
 
 def test_unknown_architecture_is_refused():
     with pytest.raises(lj.LlamaError, match="LlamaForCausalLM"):
-        lj.LlamaConfig.from_hf({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+        config_from_hf({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})

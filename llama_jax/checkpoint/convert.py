@@ -17,7 +17,7 @@ import numpy as np
 
 from llama_jax.checkpoint import layout, store
 from llama_jax.checkpoint.mapped import release_freed_memory
-from llama_jax.checkpoint.sources import MetaSource, detect
+from llama_jax.checkpoint.sources import detect
 from llama_jax.errors import LlamaError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -46,6 +46,9 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    rope_scaling_factor: float | None = None,
+    max_seq_len: int | None = None,
+    tie_word_embeddings: bool | None = None,
 ) -> dict:
     """Convert a Meta or Hugging Face checkpoint directory into a llama-jax checkpoint.
 
@@ -56,9 +59,17 @@ def convert(
       dtype: "float32", "bfloat16" or "float16" to cast to; None keeps the source dtype
         (bf16 stays bf16, bit for bit).
       force: replace an existing `dst`.
-      progress: show a progress bar per tensor and print a closing summary.
+      progress: show a progress bar per tensor, print the constants that were assumed
+        (before the bar) and a closing summary.
+      rope_scaling_factor, max_seq_len, tie_word_embeddings: the constants a Meta
+        params.json cannot hold (see checkpoint.configs); None keeps what the file says
+        or what is assumed. A tied output layer is only dropped when it is bit-identical
+        to the embedding.
     Returns:
-      A summary dict: parameters, dtype, bytes, seconds, dst.
+      A summary dict: parameters, dtype, bytes, seconds, dst, notes (the assumptions).
+    Raises:
+      LlamaError: bad input (nothing is written), DST is SRC, inside it or contains it,
+        or a write failed (the path and the cause; nothing is left behind).
     """
     from tqdm.auto import tqdm
 
@@ -67,15 +78,24 @@ def convert(
     dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
     if dtype is not None and dtype not in _DTYPES:
         raise LlamaError(f"--dtype {dtype!r}: expected one of {_DTYPES}.")
-    if os.path.exists(dst) and not force:
-        raise LlamaError(f"{dst} already exists; choose another destination or pass --force.")
-    reader = detect(src, source)
+    store.check_destination(dst, force, protect=(src,))
+    reader = detect(
+        src,
+        source,
+        rope_scaling_factor=rope_scaling_factor,
+        max_seq_len=max_seq_len,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    _settle_output(reader, forced=tie_word_embeddings)
     cfg = reader.cfg
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     target = _np_dtype(cfg.param_dtype)
     names = layout.meta_names(cfg)
     totals = {"parameters": 0, "bytes": 0}
+    if progress:
+        for note in reader.notes:
+            print(f"note: {note}", flush=True)
 
     def get(name: str):
         """(parameter path, layer, array in our layout and the target dtype)."""
@@ -90,12 +110,10 @@ def convert(
         return path, layer, w
 
     with (
-        store.atomic_directory(dst, force) as tmp,
+        store.atomic_directory(dst, force, protect=(src,)) as tmp,
         tqdm(total=len(names), unit="tensor", desc="convert", disable=not progress) as bar,
     ):
         _, _, emb = get("tok_embeddings.weight")
-        if isinstance(reader, MetaSource):
-            reader.check_tied_output(emb)
         store.write_group(tmp, store.top_dir(("tok_embeddings",)), {"tok_embeddings": emb})
         del emb
         release_freed_memory()
@@ -116,8 +134,14 @@ def convert(
             del out
         store.write_config(tmp, cfg, reader.tokenizer, source={"kind": reader.kind, "path": src})
     seconds = time.perf_counter() - t0
-    summary = {"parameters": totals["parameters"], "dtype": cfg.param_dtype,
-               "bytes": totals["bytes"], "seconds": seconds, "dst": dst}  # fmt: skip
+    summary = {
+        "parameters": totals["parameters"],
+        "dtype": cfg.param_dtype,
+        "bytes": totals["bytes"],
+        "seconds": seconds,
+        "dst": dst,
+        "notes": list(reader.notes),
+    }
     if progress:
         print(
             f"converted {reader.kind} -> {dst}: {summary['parameters']:,} parameters, "
@@ -127,14 +151,71 @@ def convert(
     return summary
 
 
+def _settle_output(reader, forced: bool | None) -> None:
+    """Untie a tied config whose weights carry a distinct output layer; never drop it.
+
+    A file may hold output.weight although its config ties it (some Llama 3.2 files);
+    it is dropped only when bit-identical to the embedding. Otherwise the model is
+    converted untied, with a note, or refused when --tie-word-embeddings asked for ties.
+    """
+    cfg = reader.cfg
+    if not cfg.tie_word_embeddings and not reader.has_output:
+        raise LlamaError(
+            f"{reader.src}: the model has an untied output layer but the weights hold no "
+            "output.weight; drop --no-tie-word-embeddings or add the tensor."
+        )
+    if not cfg.tie_word_embeddings or not reader.has_output or reader.output_is_embedding():
+        return
+    if forced:
+        raise LlamaError(
+            f"{reader.src}: --tie-word-embeddings would drop output.weight, which differs from "
+            "tok_embeddings.weight; convert without it to keep both."
+        )
+    reader.cfg = cfg.replace(tie_word_embeddings=False)
+    reader.notes.append(
+        "output.weight differs from tok_embeddings.weight, so the output layer is kept "
+        "(untied) although the config ties it."
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="Meta (params.json + consolidated.*.pth) or HF model directory")
     p.add_argument("dst", help="llama-jax checkpoint directory to create")
     p.add_argument("--from", dest="source", choices=("meta", "hf"), help="force the layout")
     p.add_argument("--dtype", choices=_DTYPES, help="cast the weights (default: keep)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument(
+        "--rope-scaling-factor",
+        type=float,
+        metavar="F",
+        help="Llama 3.1-style rope scaling factor (params.json cannot say it; "
+        "default: the release's for an official shape, else 8 as Meta's code)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        metavar="N",
+        help="context length to record (default: the release's, else 4096, or "
+        "131072 with scaled rope)",
+    )
+    p.add_argument(
+        "--tie-word-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tie the output layer to the embedding (default: the "
+        "release's; a custom model is tied only without output.weight)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    convert(args.src, args.dst, source=args.source, dtype=args.dtype, force=args.force)
+    convert(
+        args.src,
+        args.dst,
+        source=args.source,
+        dtype=args.dtype,
+        force=args.force,
+        rope_scaling_factor=args.rope_scaling_factor,
+        max_seq_len=args.max_seq_len,
+        tie_word_embeddings=args.tie_word_embeddings,
+    )
     return 0

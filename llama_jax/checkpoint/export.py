@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from llama_jax.checkpoint import layout, store
+from llama_jax.checkpoint.configs import config_to_hf
 from llama_jax.checkpoint.safetensors_io import SafetensorsWriter
 from llama_jax.checkpoint.torch_zip import write_pth
 from llama_jax.errors import LlamaError
@@ -78,11 +79,12 @@ def export(
     src = os.path.abspath(os.path.expanduser(os.fspath(src_ckpt)))
     cfg = store.load_config(src)
     out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+    store.check_destination(out, force, protect=(src,))
     names = layout.meta_names(cfg)
     totals = {"parameters": 0, "bytes": 0}
 
     with (
-        store.atomic_directory(out, force) as tmp,
+        store.atomic_directory(out, force, protect=(src,)) as tmp,
         tqdm(total=len(names), unit="tensor", desc=f"export {to}", disable=not progress) as bar,
     ):
 
@@ -161,7 +163,7 @@ def _write_hf(tmp: str, cfg, tensors, max_shard_bytes: int) -> None:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg.to_hf(), f, indent=2)
+        json.dump(config_to_hf(cfg), f, indent=2)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -263,7 +263,9 @@ def meta_params(cfg: LlamaConfig) -> dict:
     `intermediate_size`) that the rule does not reproduce gets `multiple_of = F` and a
     multiplier of (F + 0.5) / int(8 D / 3), which the rule turns back into exactly F.
     """
-    params = cfg.to_meta_params()
+    from llama_jax.checkpoint.configs import config_from_meta, config_to_meta
+
+    params = config_to_meta(cfg)
     s = cfg.rope_scaling
     if s is not None and (s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len) != (
         1.0, 4.0, 8192,
@@ -276,10 +278,10 @@ def meta_params(cfg: LlamaConfig) -> dict:
             stacklevel=2,
         )
     F = cfg.ffn_hidden_dim
-    if LlamaConfig.from_meta_params(params).ffn_hidden_dim != F:
+    if config_from_meta(params).ffn_hidden_dim != F:
         params["multiple_of"] = F
         params["ffn_dim_multiplier"] = (F + 0.5) / int(2 * (4 * cfg.dim) / 3)
-        if LlamaConfig.from_meta_params(params).ffn_hidden_dim != F:
+        if config_from_meta(params).ffn_hidden_dim != F:
             raise LlamaError(f"FFN width {F} cannot be expressed in Meta's params.json.")
     return params
 

@@ -12,6 +12,7 @@ bit-exact (ml_dtypes), and write a file whose tensors are produced one by one:
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 import ml_dtypes
 import numpy as np
 
+from llama_jax.checkpoint.jsonio import loads
 from llama_jax.checkpoint.mapped import MappedTensor, copy_into
 from llama_jax.errors import LlamaError
 
@@ -35,7 +37,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 2**20
+_MAX_HEADER = 100_000_000  # the format's own limit
 
 
 class SafeTensor(MappedTensor):
@@ -51,15 +53,20 @@ class SafeTensor(MappedTensor):
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, SafeTensor]:
-    """Parse and validate a safetensors header.
+    """Parse and validate a safetensors header by the format's own rules.
+
+    The header is at most 100 MB of JSON (nesting bounded); each entry has a known
+    dtype, a shape of non-negative integers and data_offsets [begin, end] whose length
+    is exactly the shape's bytes; sorted by offset the tensors tile the data section
+    with no gap, overlap or byte left over, as the `safetensors` library requires.
 
     Args:
       path: the `.safetensors` file.
     Returns:
       {name: SafeTensor} for every tensor in the file.
     Raises:
-      LlamaError: the file is missing, its header is corrupt, or a tensor's bytes lie
-        outside the file or disagree with its shape and dtype.
+      LlamaError: the file is missing or short, its header breaks a rule above (the
+        message names the tensor), or a tensor's bytes lie outside the file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -73,37 +80,77 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, SafeTensor]:
         if n > min(_MAX_HEADER, size - 8):
             raise LlamaError(
                 f"{path}: corrupt safetensors header (declares {n} header bytes in a file of "
-                f"{size}); the file is truncated or not safetensors."
+                f"{size}; the format allows at most {_MAX_HEADER}); the file is truncated or "
+                "not safetensors."
             )
         text = f.read(n)
-    try:
-        header = json.loads(text)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LlamaError(f"{path}: corrupt safetensors header ({e}).") from None
+    header = loads(text, f"{path}: corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise LlamaError(f"{path}: corrupt safetensors header (not a JSON object).")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise LlamaError(f"{path}: corrupt safetensors header (__metadata__ is not an object).")
     base = 8 + n
     out = {}
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise LlamaError(
-                f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}."
-            ) from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != nbytes or begin < 0 or base + end > size:
-            raise LlamaError(
-                f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has data_offsets "
-                f"[{begin}, {end}] that do not fit its size or the file ({size} bytes); "
-                "the file is truncated or corrupt."
-            )
+        dtype, shape, begin, end = _entry(path, name, info)
+        spans.append((begin, end, name))
         out[name] = SafeTensor(path, base + begin, dtype, shape)
+    # The format's rule: sorted by offset, the tensors cover the data section exactly.
+    expected = 0
+    for begin, end, name in sorted(spans):
+        if begin != expected:
+            what = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
+            raise LlamaError(
+                f"{path}: tensor {_short(name)} starts at byte {begin} of the data, which "
+                f"{what} (expected {expected}); the file is corrupt or crafted."
+            )
+        expected = end
+    if base + expected != size:
+        raise LlamaError(
+            f"{path}: the tensors end at byte {base + expected} but the file has {size}; the "
+            "file is truncated or corrupt."
+        )
     return out
+
+
+def _short(name) -> str:
+    return repr(name if len(name) <= 80 else name[:80] + "...")
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _entry(path: str, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each checked."""
+
+    def bad(why: str) -> LlamaError:
+        return LlamaError(
+            f"{path}: corrupt safetensors header entry for tensor {_short(name)}: {why}; the "
+            "file is corrupt or not safetensors."
+        )
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise bad("expected an object with dtype, shape and data_offsets")
+    if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
+        raise bad(f"dtype {str(info['dtype'])[:40]!r} is not one of {sorted(DTYPES)}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or len(shape) > 16 or not all(map(_int, shape)):
+        raise bad("shape must be a list of at most 16 non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_int, offsets)):
+        raise bad("data_offsets must be two non-negative integers")
+    dtype = DTYPES[info["dtype"]]
+    begin, end = offsets
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end < begin or end - begin != nbytes:
+        raise bad(
+            f"data_offsets [{begin}, {end}] hold {end - begin} bytes but {info['dtype']} "
+            f"{shape} needs {nbytes}"
+        )
+    return dtype, tuple(shape), begin, end
 
 
 def plan_header(

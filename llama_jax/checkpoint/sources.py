@@ -10,17 +10,17 @@ the config, unknown tensor names. Tensors are then read one at a time on request
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
-import warnings
 
 import numpy as np
 
 from llama_jax.checkpoint import layout
+from llama_jax.checkpoint.configs import config_from_hf, config_from_meta
+from llama_jax.checkpoint.jsonio import read_json
 from llama_jax.checkpoint.safetensors_io import read_safetensors
 from llama_jax.checkpoint.torch_zip import read_pth
-from llama_jax.config import LlamaConfig
+from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.errors import LlamaError
 
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -34,14 +34,26 @@ def _dtype_name(dtype: np.dtype, what: str) -> str:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LlamaError(f"{path}: cannot read it as JSON ({e}).") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise LlamaError(f"{path}: expected a JSON object.")
     return data
+
+
+def _check_layers(where: str, names, pattern: str, cfg: LlamaConfig, config_file: str) -> None:
+    """The blocks present in the weights must be exactly 0..n_layers-1.
+
+    Compared before any per-layer list is built, so a config claiming 10^9 layers is
+    refused at once instead of sizing anything from it.
+    """
+    found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
+    if found != set(range(cfg.n_layers)):
+        raise LlamaError(
+            f"{where}: {config_file} says n_layers={cfg.n_layers} but the weights hold "
+            f"{len(found)} blocks"
+            + (f" numbered {min(found)}..{max(found)}" if found else "")
+            + f"; check that {config_file} belongs to these weights and no file is missing."
+        )
 
 
 class Source:
@@ -50,6 +62,27 @@ class Source:
     kind: str
     cfg: LlamaConfig
     tokenizer: str | None = None
+    notes: list[str]  # constants the reader assumed, for the converter to print
+
+    @property
+    def has_output(self) -> bool:
+        """Whether the weights carry an output layer (output.weight / lm_head.weight)."""
+        raise NotImplementedError
+
+    def output_is_embedding(self, embedding: np.ndarray | None = None) -> bool:
+        """Whether output.weight is bit-identical to tok_embeddings.weight as stored.
+
+        Args:
+          embedding: tok_embeddings.weight already read in the stored dtype, or None.
+        Returns:
+          True only when both exist with the same shape and the same bytes.
+        """
+        if not self.has_output:
+            return False
+        if embedding is None or embedding.dtype != self.dtype:
+            embedding = self.tensor("tok_embeddings.weight")
+        output = self.tensor("output.weight")
+        return bool(np.array_equal(output.view(np.uint8), embedding.view(np.uint8)))
 
     def names(self) -> list[str]:
         """The Meta tensor names to convert, in file order."""
@@ -66,16 +99,19 @@ class Source:
         return out
 
 
-def detect(src: str, source: str | None = None) -> Source:
+def detect(src: str, source: str | None = None, **overrides) -> Source:
     """Open SRC as a Meta or an HF checkpoint.
 
     Args:
       src: a directory with `params.json` + `consolidated.*.pth` (Meta) or `config.json`
         + safetensors / pytorch_model*.bin (Hugging Face).
       source: "meta" or "hf" to force the layout; None to detect it from the files.
+      **overrides: LlamaConfig fields (and `rope_scaling_factor`) that win over what the
+        config file says or what is assumed; None values are ignored.
     Returns:
       A validated `Source`.
     """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if not os.path.isdir(src):
         raise LlamaError(f"{src}: no such directory; pass the directory holding the weights.")
     if source not in (None, "meta", "hf"):
@@ -92,7 +128,7 @@ def detect(src: str, source: str | None = None) -> Source:
                 f"{src}: found neither params.json (Meta layout) nor config.json (Hugging Face "
                 "layout). Point SRC at the directory that holds the weights and their config."
             )
-    return MetaSource(src) if source == "meta" else HFSource(src)
+    return MetaSource(src, **overrides) if source == "meta" else HFSource(src, **overrides)
 
 
 # Meta -------------------------------------------------------------------------------
@@ -115,18 +151,12 @@ class MetaSource(Source):
 
     kind = "meta"
 
-    def __init__(self, src: str):
+    def __init__(self, src: str, **overrides):
         self.src = src
         params_path = os.path.join(src, "params.json")
         if not os.path.isfile(params_path):
             raise LlamaError(f"{src}: no params.json; a Meta checkpoint directory has one.")
-        params = _read_json(params_path)
-        try:
-            cfg = LlamaConfig.from_meta_params(params)
-        except KeyError as e:
-            raise LlamaError(f"{params_path}: missing field {e}.") from None
-        except LlamaError as e:
-            raise LlamaError(f"{params_path}: {e}") from None
+        params = read_json(params_path)
         paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
         if not paths:
             raise LlamaError(f"{src}: params.json but no consolidated.NN.pth weight files.")
@@ -144,6 +174,13 @@ class MetaSource(Source):
                 )
         self.paths = paths
         self.shards = [read_pth(p) for p in paths]
+        self.notes = []
+        try:
+            has_output = "output.weight" in self.shards[0]
+            cfg = config_from_meta(params, has_output=has_output, notes=self.notes, **overrides)
+        except LlamaError as e:
+            raise LlamaError(f"{params_path}: {str(e).removeprefix('params.json: ')}") from None
+        _check_layers(paths[0], self.shards[0], r"layers\.(\d{1,9})\.", cfg, "params.json")
         first = self.shards[0]
         if "tok_embeddings.weight" not in first:
             raise LlamaError(f"{paths[0]}: tensor 'tok_embeddings.weight' is missing.")
@@ -240,18 +277,9 @@ class MetaSource(Source):
                         "previous shard but differs from it; the shards are inconsistent."
                     )
 
-    def check_tied_output(self, embedding: np.ndarray) -> None:
-        """Llama 3.2 files may carry output.weight although it is tied: warn if it differs."""
-        if not self.cfg.tie_word_embeddings or "output.weight" not in self.shards[0]:
-            return
-        output = np.concatenate([s["output.weight"].read() for s in self.shards], axis=0)
-        if output.shape != embedding.shape or not np.array_equal(output, embedding):
-            warnings.warn(
-                f"{self.paths[0]}: output.weight differs from tok_embeddings.weight, but the "
-                "model ties them (params.json: use_scaled_rope with factor 32); output.weight "
-                "is dropped.",
-                stacklevel=2,
-            )
+    @property
+    def has_output(self) -> bool:
+        return "output.weight" in self.shards[0]
 
 
 # Hugging Face -------------------------------------------------------------------------
@@ -262,18 +290,24 @@ class HFSource(Source):
 
     kind = "hf"
 
-    def __init__(self, src: str):
+    def __init__(self, src: str, **overrides):
         self.src = src
+        self.notes = []
         config_path = os.path.join(src, "config.json")
         if not os.path.isfile(config_path):
             raise LlamaError(f"{src}: no config.json; a Hugging Face model directory has one.")
+        factor = overrides.pop("rope_scaling_factor", None)
         try:
-            cfg = LlamaConfig.from_hf(_read_json(config_path))
-        except KeyError as e:
-            raise LlamaError(f"{config_path}: missing field {e}.") from None
+            cfg = config_from_hf(read_json(config_path), **overrides)
+            if factor is not None:
+                if cfg.rope_scaling is None:
+                    raise LlamaError("--rope-scaling-factor: config.json has no rope scaling.")
+                fields = {**cfg.rope_scaling.__dict__, "factor": factor}
+                cfg = cfg.replace(rope_scaling=RopeScaling(**fields))
         except LlamaError as e:
-            raise LlamaError(f"{config_path}: {e}") from None
+            raise LlamaError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
         self.tensors = self._index(src)
+        _check_layers(src, self.tensors, r"model\.layers\.(\d{1,9})\.", cfg, "config.json")
         if "model.embed_tokens.weight" not in self.tensors:
             raise LlamaError(f"{src}: tensor 'model.embed_tokens.weight' is missing.")
         emb = self.tensors["model.embed_tokens.weight"]
@@ -296,6 +330,14 @@ class HFSource(Source):
                 weight_map = _read_json(index_path).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise LlamaError(f"{index_path}: no 'weight_map' object.")
+                for f in weight_map.values():
+                    # Shards are plain file names beside the index: never a path that
+                    # leads the reader out of SRC.
+                    if not isinstance(f, str) or f in ("", ".", "..") or os.path.basename(f) != f:
+                        raise LlamaError(
+                            f"{index_path}: weight_map names {str(f)[:80]!r}, not a file name "
+                            "in this directory; the index is corrupt or crafted."
+                        )
                 files = sorted(set(weight_map.values()))
                 for f in files:
                     if not os.path.isfile(os.path.join(src, f)):
@@ -326,8 +368,6 @@ class HFSource(Source):
         for name, t in self.tensors.items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
             try:
                 meta = layout.hf_to_meta_name(name)
             except LlamaError:
@@ -336,7 +376,10 @@ class HFSource(Source):
                     "LlamaForCausalLM; is this a different architecture?"
                 ) from None
             self._meta_to_hf[meta] = name
-        for meta in layout.meta_names(self.cfg):
+        names = layout.meta_names(self.cfg)
+        if self.has_output and "output.weight" not in names:
+            names.append("output.weight")  # tied, but its shape is checked all the same
+        for meta in names:
             if meta not in self._meta_to_hf:
                 raise LlamaError(
                     f"{self.src}: tensor {layout.meta_to_hf_name(meta)!r} is missing from the "
@@ -350,6 +393,10 @@ class HFSource(Source):
                     f"but config.json needs {want}; check that config.json belongs to these "
                     "weights."
                 )
+
+    @property
+    def has_output(self) -> bool:
+        return "output.weight" in self._meta_to_hf
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         t = self.tensors[self._meta_to_hf[name]]

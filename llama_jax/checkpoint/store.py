@@ -28,6 +28,8 @@ import functools
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -36,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
+from llama_jax.checkpoint.jsonio import read_json
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
 
@@ -81,8 +84,106 @@ def _shared_tag() -> str:
     return f"{tag:08x}"
 
 
+def check_destination(dst: str, force: bool = False, protect=()) -> None:
+    """Refuse a destination that would overwrite or swallow the user's files.
+
+    Args:
+      dst: the directory to create (absolute).
+      force: whether an existing `dst` may be replaced.
+      protect: paths (the source) that `dst` must not be, lie inside, or contain;
+        compared after resolving symbolic links.
+    Raises:
+      LlamaError: naming the path and why; nothing has been touched.
+    """
+    real = os.path.realpath(dst)
+    for path in protect:
+        src = os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+        for d in {real, dst}:
+            if d == src or d.startswith(src + os.sep) or src.startswith(d + os.sep):
+                how = "is" if d == src else "is inside" if d.startswith(src) else "contains"
+                raise LlamaError(
+                    f"{dst}: the destination {how} the source {src}; writing there could "
+                    "delete the weights being read. Choose a destination outside the source."
+                )
+    if os.path.lexists(dst) and not force:
+        what = f"a symbolic link to {os.readlink(dst)}" if os.path.islink(dst) else "it exists"
+        raise LlamaError(
+            f"{dst} already exists ({what}); choose another destination or pass --force."
+        )
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise LlamaError(f"{parent}: the destination's parent directory does not exist.")
+
+
+def _remove(path: str) -> None:
+    """Delete a file, a symbolic link (not its target) or a directory tree."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _os_error(dst: str, e: BaseException) -> LlamaError | None:
+    """A LlamaError naming the path and the cause of a failed write, or None."""
+    if isinstance(e, OSError):
+        where = e.filename or dst
+        return LlamaError(
+            f"{where}: cannot write ({e.strerror or e}); nothing was written to {dst}."
+        )
+    text = str(e)
+    causes = ("No space left on device", "Read-only file system", "Permission denied")
+    for cause in causes:
+        if cause in text:  # tensorstore (Orbax's writer) reports these as other types
+            return LlamaError(f"{dst}: cannot write ({cause}); nothing was written there.")
+    return None
+
+
+class _Signals:
+    """SIGTERM raises like Ctrl-C, and both wait while the directory is being swapped."""
+
+    def __init__(self):
+        self.busy = False
+        self.pending: int | None = None
+        self.saved: dict = {}
+
+    def handler(self, signum, frame):
+        if self.busy:
+            self.pending = signum
+            return
+        self.raise_for(signum)
+
+    @staticmethod
+    def raise_for(signum):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals arriving inside are raised when it ends."""
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
+            if self.pending is not None:
+                signum, self.pending = self.pending, None
+                self.raise_for(signum)
+
+
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[str]:
+def atomic_directory(dst: str | os.PathLike, force: bool = False, protect=()) -> Iterator[str]:
     """Yield a temporary sibling of `dst` to fill; rename it to `dst` on success.
 
     On a multi-host run every process must enter it (as with Orbax saves): process 0
@@ -91,38 +192,49 @@ def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
 
     Args:
       dst: the directory to create.
-      force: replace `dst` if it exists (only after the new one is complete).
+      force: replace `dst` (a directory, a file or a symbolic link; never a link's
+        target) if it exists, only after the new one is complete.
+      protect: paths `dst` must not be, lie inside or contain (the source).
     Yields:
-      The temporary directory's path. On any exception (Ctrl-C included) it is deleted
-      and `dst` is left as it was.
+      The temporary directory's path. On any exception, SIGINT or SIGTERM it is deleted
+      and `dst` is left as it was; on success no temporary or old sibling remains. A
+      failed write (disk full, read-only, permissions) becomes one LlamaError naming
+      the path and the cause.
     """
     dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
-    if os.path.exists(dst) and not force:
-        raise LlamaError(f"{dst} already exists; choose another destination or pass --force.")
+    check_destination(dst, force, protect)
     parent = os.path.dirname(dst)
-    if not os.path.isdir(parent):
-        raise LlamaError(f"{parent}: the destination's parent directory does not exist.")
     tag = _shared_tag()
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{tag}")
-    if _primary():
-        os.makedirs(tmp)
-    _sync(f"created-{tag}")
-    try:
-        yield tmp
-        _sync(f"written-{tag}")
-        if _primary():
-            if os.path.exists(dst):
-                old = os.path.join(parent, f".{os.path.basename(dst)}.old-{tag}")
-                os.rename(dst, old)
-                os.rename(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dst)
-        _sync(f"renamed-{tag}")
-    except BaseException:
-        if _primary():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    old = os.path.join(parent, f".{os.path.basename(dst)}.old-{tag}")
+    with _Signals() as signals:
+        try:
+            if _primary():
+                os.makedirs(tmp)
+            _sync(f"created-{tag}")
+            yield tmp
+            _sync(f"written-{tag}")
+            if _primary():
+                with signals.deferred():
+                    if os.path.lexists(dst):
+                        os.rename(dst, old)
+                        try:
+                            os.rename(tmp, dst)
+                        except BaseException:
+                            os.rename(old, dst)  # put the user's DST back
+                            raise
+                        _remove(old)
+                    else:
+                        os.rename(tmp, dst)
+            _sync(f"renamed-{tag}")
+        except BaseException as e:
+            if _primary():
+                with signals.deferred():
+                    _remove(tmp)
+            error = _os_error(dst, e) if isinstance(e, Exception) else None
+            if error is not None:
+                raise error from None
+            raise
 
 
 # Writing ------------------------------------------------------------------------------
@@ -211,11 +323,9 @@ def _read_meta(path: str) -> dict:
             f"{path}: no {CONFIG_FILE}, so this is not a llama-jax checkpoint. Convert Meta or "
             "Hugging Face weights first: llama-jax convert SRC DST."
         )
-    try:
-        with open(file) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LlamaError(f"{file}: unreadable ({e}).") from None
+    meta = read_json(file)
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise LlamaError(f"{file}: expected a JSON object with a 'config'; the file is corrupt.")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise LlamaError(
             f"{file}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
@@ -232,7 +342,31 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     Returns:
       The config, with the dtypes the weights were stored in.
     """
-    return LlamaConfig.from_dict(_read_meta(_abs(path))["config"])
+    path = _abs(path)
+    file = os.path.join(path, CONFIG_FILE)
+    meta = _read_meta(path)
+    try:
+        cfg = LlamaConfig.from_dict(meta["config"])
+    except LlamaError as e:
+        raise LlamaError(f"{file}: {e}") from None
+    # Compare the recorded depth with the blocks on disk before anything is sized from
+    # it: a config claiming 10^9 layers must not allocate 10^9 of anything.
+    layers = os.path.join(path, "params", "layers")
+    if os.path.isdir(layers):
+        present = {n for n in os.listdir(layers) if len(n) == 5 and n.isdigit()}
+        missing = sorted(set(range(cfg.n_layers)) - {int(n) for n in present})
+        if missing:
+            raise LlamaError(
+                f"{os.path.join(layers, f'{missing[0]:05d}')}: missing; the checkpoint is "
+                f"incomplete ({len(missing)} of the {cfg.n_layers} blocks {CONFIG_FILE} "
+                "records are absent). Convert or save it again."
+            )
+        if len(present) != cfg.n_layers:
+            raise LlamaError(
+                f"{file}: n_layers={cfg.n_layers} but {layers} holds {len(present)} blocks; "
+                "the config was edited or belongs to another checkpoint."
+            )
+    return cfg
 
 
 def read_group(root: str, sub: str, targets: dict) -> dict:
@@ -249,8 +383,7 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
     import orbax.checkpoint as ocp
 
     where = os.path.join(root, sub)
-    if not os.path.isdir(where):
-        raise LlamaError(f"{where}: missing; the checkpoint is incomplete.")
+    check_group(where)
 
     def args(t):
         shape, dtype, sharding = t
@@ -263,8 +396,8 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
     # against the config first.
     try:
         stored = _checkpointer().metadata(where).item_metadata.tree
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        raise LlamaError(f"{where}: cannot read its metadata ({e}).") from None
+    except Exception as e:  # Orbax and tensorstore raise many types for a damaged group
+        raise _broken(where, f"cannot read its metadata: {type(e).__name__}: {e}") from None
     flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
     for key, t in jax.tree_util.tree_flatten_with_path(targets, is_leaf=is_leaf)[0]:
         got = flat_stored.get(key)
@@ -280,9 +413,73 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
         out = _checkpointer().restore(
             where, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
         )
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise LlamaError(f"{where}: cannot restore ({e}).") from None
+    except LlamaError:
+        raise
+    except Exception as e:
+        raise _broken(where, f"cannot restore it: {type(e).__name__}: {e}") from None
     return out
+
+
+_OCDBT_MAGIC = b"\x0c\xdb"  # first bytes of every manifest and data file of Orbax's OCDBT store
+
+
+def _broken(where: str, why: str) -> LlamaError:
+    return LlamaError(
+        f"{where}: this tensor group is damaged ({why[:300]}). Re-create the checkpoint "
+        "(convert or save it again) or use an intact copy; for a training run, resume from "
+        "an earlier step."
+    )
+
+
+def check_group(where: str) -> None:
+    """Check that one Orbax tensor group is complete and not visibly damaged.
+
+    Cheap (reads a few bytes per file): the directory, its metadata (JSON with a tree)
+    and the OCDBT manifests must be present and start as they should, and every data
+    file must be non-empty: this catches truncated, zeroed and half-deleted groups.
+    Damage inside the data is still reported by `read_group` when restoring.
+
+    Args:
+      where: the group's directory (e.g. CKPT/params/layers/00003, or one item of a
+        training step).
+    Raises:
+      LlamaError: naming the group, what is wrong and what to do.
+    """
+    if not os.path.isdir(where):
+        raise _broken(where, "the directory is missing")
+    meta_file = os.path.join(where, "_METADATA")
+    if not os.path.isfile(meta_file):
+        raise _broken(where, "its _METADATA file is missing")
+    try:
+        meta = read_json(meta_file)
+    except LlamaError as e:
+        raise _broken(where, f"_METADATA is unreadable: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tree_metadata"), dict):
+        raise _broken(where, "_METADATA holds no tree")
+    if not meta.get("use_ocdbt", True):
+        return
+    manifest = os.path.join(where, "manifest.ocdbt")
+    if not os.path.isfile(manifest):
+        raise _broken(where, "manifest.ocdbt is missing")
+    data_files = 0
+    for dirpath, _, files in os.walk(where):
+        for name in files:
+            file = os.path.join(dirpath, name)
+            manifest_file = name == "manifest.ocdbt"
+            if not manifest_file and os.path.basename(dirpath) != "d":
+                continue
+            data_files += not manifest_file
+            try:
+                with open(file, "rb") as f:
+                    head = f.read(len(_OCDBT_MAGIC))
+            except OSError as e:
+                raise _broken(where, f"{file} is unreadable ({e.strerror})") from None
+            # Manifests start with the store's magic; data files (b-tree nodes or raw
+            # array bytes) can only be checked for being there and non-empty.
+            if not head or (manifest_file and head != _OCDBT_MAGIC):
+                raise _broken(where, f"{file} is empty, truncated or overwritten")
+    if not data_files:
+        raise _broken(where, "its data files (d/) are missing")
 
 
 def read_layer_host(path: str, cfg: LlamaConfig, layer: int) -> dict:

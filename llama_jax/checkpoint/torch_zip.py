@@ -15,6 +15,13 @@ dict needs, each mapped to a harmless stand-in, and returns `LazyTensor`s: shape
 and where the bytes lie. `LazyTensor.read()` memory-maps just that tensor's bytes and
 copies them out, so a converter holds one tensor at a time, never the whole file.
 
+Nothing in the pickle is trusted. Every tensor's storage offset, sizes and strides must
+be non-negative integers, its elements must lie inside its storage, and its shape may
+hold no more elements than the storage does (zero strides included), so reading a
+tensor never touches bytes outside its storage or allocates more than the file holds.
+data.pkl may inflate to at most `MAX_PICKLE_BYTES`. Objects the unpickler builds cannot
+be altered afterwards by the pickle (BUILD), so what was checked is what is read.
+
 `write_pth` is the inverse: it streams tensors into the same zip layout and writes the
 pickle by hand (opcodes, no pickler), so `torch.load(..., weights_only=True)` and Meta's
 code read it while this package never imports torch.
@@ -24,8 +31,10 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
 from collections.abc import Iterable
@@ -51,17 +60,35 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     "BoolStorage": np.dtype(np.bool_),
 }
 _DTYPE_STORAGES = {v: k for k, v in STORAGE_DTYPES.items()}
+# A state dict's pickle is about 150 bytes per tensor (405B's largest shard: ~200 KB).
+# Unpickled objects take up to ~20x the bytes that name them, so this bounds memory too.
+MAX_PICKLE_BYTES = 16 * 2**20
+_MAX_DIMS = 32
+
+
+class _Sealed:
+    """Refuses the pickle's BUILD opcode, which would overwrite checked attributes."""
+
+    def __setstate__(self, state):
+        raise LlamaError(
+            "the pickle tries to modify a tensor or storage after creating it (BUILD), "
+            "which torch.save never writes"
+        )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Sealed):
     """Stand-in for a torch.*Storage class named in the pickle."""
 
     name: str
 
 
 @dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(_Sealed):
     """A storage: the zip member `data/<key>` holding `numel` elements of `dtype`."""
 
     key: str
@@ -69,7 +96,7 @@ class _StorageRef:
     numel: int
 
 
-class LazyTensor(MappedTensor):
+class LazyTensor(_Sealed, MappedTensor):
     """A tensor inside a `.pth` archive: metadata now, bytes on `read()`."""
 
     def __init__(self, path: str, member: zipfile.ZipInfo, data_offset: int, storage: _StorageRef,
@@ -115,6 +142,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._path = path
         self._make_tensor = make_tensor
+        self._dtypes: dict[str, np.dtype] = {}
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("collections", "OrderedDict"):
@@ -134,17 +162,41 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise LlamaError(f"{self._path}: unexpected persistent id {pid!r} in data.pkl.")
-        _, storage_type, key, _location, numel = pid
+            raise LlamaError(f"{self._path}: unexpected persistent id {_short(pid)} in data.pkl.")
+        _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise LlamaError(f"{self._path}: storage type {storage_type!r} is not supported.")
-        return _StorageRef(str(key), STORAGE_DTYPES[storage_type.name], int(numel))
+            raise LlamaError(f"{self._path}: storage type {_short(storage_type)} is not supported.")
+        if not isinstance(key, str) or not isinstance(location, str) or not _is_count(numel):
+            raise LlamaError(
+                f"{self._path}: malformed storage record {_short(pid)} in data.pkl (expected a "
+                "key, a location and a non-negative element count)."
+            )
+        dtype = STORAGE_DTYPES[storage_type.name]
+        if self._dtypes.setdefault(key, dtype) != dtype:
+            raise LlamaError(f"{self._path}: storage {key!r} is named with two dtypes.")
+        return _StorageRef(key, dtype, numel)
 
-    def _rebuild_tensor_v2(self, storage, offset, size, stride, requires_grad=False,
-                           hooks=None, metadata=None):  # fmt: skip
+    def _rebuild_tensor_v2(self, storage, offset, size, stride, *rest):
         if not isinstance(storage, _StorageRef):
             raise LlamaError(f"{self._path}: a tensor without a storage in data.pkl.")
-        return self._make_tensor(storage, int(offset), tuple(size), tuple(stride))
+        shape_ok = isinstance(size, tuple) and len(size) <= _MAX_DIMS and all(map(_is_count, size))
+        stride_ok = isinstance(stride, tuple) and len(stride) == len(size) if shape_ok else False
+        if not (_is_count(offset) and shape_ok and stride_ok and all(map(_is_count, stride))):
+            raise LlamaError(
+                f"{self._path}: a tensor on storage {storage.key!r} has offset {_short(offset)}, "
+                f"size {_short(size)}, stride {_short(stride)}; each must be non-negative "
+                "integers (as torch.save writes), with one stride per dimension."
+            )
+        return self._make_tensor(storage, offset, size, stride)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value) -> str:
+    """A bounded repr for messages: a crafted pickle may hold huge objects."""
+    return _REPR.repr(value)
 
 
 def _local_data_offset(f, info: zipfile.ZipInfo) -> int:
@@ -166,11 +218,41 @@ def read_pth(path: str | os.PathLike) -> dict[str, LazyTensor]:
       {name: LazyTensor} in the file's order; call `.read()` for the data.
     Raises:
       LlamaError: the file is missing, truncated, not a torch zip archive, asks for a
-        callable outside the allow-list, or has a storage shorter than its tensors.
+        callable outside the allow-list, or has a tensor whose offset, sizes or strides
+        do not fit its storage (the message names the storage).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise LlamaError(f"{path}: no such file.")
+    try:
+        return _read_pth(path)
+    except LlamaError:
+        raise
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        OverflowError,
+        struct.error,
+        NotImplementedError,
+        RuntimeError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        MemoryError,
+    ) as e:
+        # A malformed archive or pickle: name the file, not zipfile's or pickle's internals.
+        raise LlamaError(
+            f"{path}: corrupt torch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "download it again or re-save it with torch.save."
+        ) from None
+
+
+def _read_pth(path: str) -> dict[str, LazyTensor]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04":
@@ -180,19 +262,24 @@ def read_pth(path: str | os.PathLike) -> dict[str, LazyTensor]:
         )
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise LlamaError(
             f"{path}: truncated or corrupt zip archive ({e}); download it again."
         ) from None
     with zf:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if len(pkl) != 1:
-            raise LlamaError(f"{path}: expected one data.pkl in the archive, found {pkl}.")
+            raise LlamaError(f"{path}: expected one data.pkl in the archive, found {_short(pkl)}.")
         prefix = pkl[0][: -len("data.pkl")]
+        if zf.getinfo(pkl[0]).file_size > MAX_PICKLE_BYTES:
+            raise _too_big(path)
         try:
-            data = zf.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            with zf.open(pkl[0]) as member:
+                data = member.read(MAX_PICKLE_BYTES + 1)  # the declared size may lie
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
             raise LlamaError(f"{path}: cannot read data.pkl ({e}); the file is corrupt.") from None
+        if len(data) > MAX_PICKLE_BYTES:
+            raise _too_big(path)
         infos = {i.filename: i for i in zf.infolist()}
         size = os.path.getsize(path)
         offsets: dict[str, tuple[zipfile.ZipInfo, int]] = {}
@@ -219,19 +306,18 @@ def read_pth(path: str | os.PathLike) -> dict[str, LazyTensor]:
                         )
                     offsets[member] = (info, start)
                 info, start = offsets[member]
+                numel = math.prod(shape)
+                # Checked in Python integers: nothing here can overflow or wrap around.
                 span = 1 + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
-                if np.prod(shape) and offset + span > storage.numel:
-                    raise LlamaError(f"{path}: a tensor reaches past the end of {member}.")
+                if numel and (numel > storage.numel or offset + span > storage.numel):
+                    raise LlamaError(
+                        f"{path}: a tensor of shape {_short(shape)}, stride {_short(stride)} at "
+                        f"offset {offset} reaches past the {storage.numel} elements of storage "
+                        f"{member}; the file is corrupt or crafted."
+                    )
                 return LazyTensor(path, info, start, storage, offset, shape, stride)
 
-            try:
-                obj = _RestrictedUnpickler(data, path, make_tensor).load()
-            except LlamaError:
-                raise
-            except Exception as e:  # malformed pickle: name the file, not pickle internals
-                raise LlamaError(
-                    f"{path}: cannot unpickle data.pkl ({e}); the file is corrupt."
-                ) from None
+            obj = _RestrictedUnpickler(data, path, make_tensor).load()
     if isinstance(obj, dict) and set(obj) >= {"model"} and isinstance(obj["model"], dict):
         obj = obj["model"]  # some trainers wrap the state dict
     if not isinstance(obj, dict):
@@ -239,8 +325,17 @@ def read_pth(path: str | os.PathLike) -> dict[str, LazyTensor]:
     out = {}
     for name, value in obj.items():
         if isinstance(value, LazyTensor):
-            out[str(name)] = value
+            if not isinstance(name, str):
+                raise LlamaError(f"{path}: a tensor is named {_short(name)}, not a string.")
+            out[name] = value
     return out
+
+
+def _too_big(path: str) -> LlamaError:
+    return LlamaError(
+        f"{path}: data.pkl inflates to more than {MAX_PICKLE_BYTES} bytes, far more than a "
+        "state dict's index needs; the file is corrupt or crafted."
+    )
 
 
 # Writing ---------------------------------------------------------------------------
