@@ -71,11 +71,15 @@ def detect(src: str, source: str | None = None) -> Source:
 
     Args:
       src: a directory with `params.json` + `consolidated.*.pth` (Meta) or `config.json`
-        + safetensors / pytorch_model*.bin (Hugging Face).
+        + safetensors / pytorch_model*.bin (Hugging Face), or a llama.cpp `.gguf` file.
       source: "meta" or "hf" to force the layout; None to detect it from the files.
     Returns:
       A validated `Source`.
     """
+    if src.lower().endswith(".gguf"):  # llama.cpp's single-file format
+        from llama_jax.checkpoint.gguf import GGUFSource
+
+        return GGUFSource(src)
     if not os.path.isdir(src):
         raise LlamaError(f"{src}: no such directory; pass the directory holding the weights.")
     if source not in (None, "meta", "hf"):
