@@ -792,10 +792,13 @@ class HFTokenizer(Tokenizer):
 
     def _encode_piece(self, piece: str, specials: bool) -> list[int]:
         # Encoded after a newline and the newline removed again, so a SentencePiece-style
-        # tokenizer does not add the space it puts at the start of a text.
+        # tokenizer does not add the space it puts at the start of a text; where the
+        # newline merges with the piece's start, the piece is encoded alone.
         newline = self._encode("\n", specials=True)
         ids = self._encode("\n" + piece, specials=specials)
-        return ids[len(newline) :] if ids[: len(newline)] == newline else ids
+        if ids[: len(newline)] == newline:
+            return ids[len(newline) :]
+        return self._encode(piece, specials=specials)
 
 
 def _plain_messages(messages: Sequence[dict]) -> list[dict]:
