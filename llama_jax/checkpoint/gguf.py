@@ -232,7 +232,9 @@ class GGUFSource(Source):
             )
         divisors = np.asarray(t.data, np.float64)
         theta = float(self._get("llama.rope.freq_base", 10000.0))
-        factor = float(self._get("llama.rope.scaling.factor", divisors.max()))
+        # Files from llama.cpp's converter carry only the divisors; the largest is the
+        # factor (stored as float32, hence the rounding).
+        factor = float(self._get("llama.rope.scaling.factor", round(float(divisors.max()), 4)))
         original = int(self._get("llama.rope.scaling.original_context_length", 8192))
         scaling = RopeScaling(factor=factor, original_max_seq_len=original)
         want = llama3_rope_divisors(scaling, theta, head_dim)
