@@ -811,7 +811,10 @@ def _plain_messages(messages: Sequence[dict]) -> list[dict]:
             raise LlamaError(f"Message {i} must be a dict with a 'role' string; got {m!r}.")
         if not isinstance(m.get("content"), str):
             raise LlamaError(f"Message {i} must have a 'content' string; got {m!r}.")
-        out.append(json.loads(json.dumps(m)))
+        try:  # a template sees plain JSON values only, never live Python objects
+            out.append(json.loads(json.dumps(m)))
+        except (TypeError, ValueError) as e:
+            raise LlamaError(f"Message {i} holds a value that is not plain JSON: {e}.") from None
     return out
 
 
