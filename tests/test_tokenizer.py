@@ -1,5 +1,6 @@
 """Tokenizers against sentencepiece, transformers and tiktoken themselves."""
 
+import json
 import random
 
 import pytest
@@ -181,7 +182,7 @@ def test_llama3_chat_format(tt_path):
     want = (
         "<|begin_of_text|>"
         "<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n Hi! <|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nName a llama.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -192,7 +193,14 @@ def test_llama3_chat_format(tt_path):
     )
     assert tok.decode(tok.encode_dialog(dialog)) == want
     no_prompt = tok.format_dialog(dialog[:2], add_generation_prompt=False)
-    assert no_prompt.endswith("Hi!<|eot_id|>")
+    assert no_prompt.endswith(" Hi! <|eot_id|>")
+    # Meta's ChatFormat: content verbatim (newlines and spaces kept), tool -> ipython.
+    tool = [{"role": "tool", "content": '\n  {"temp": 21}\n'}]
+    want = '<|begin_of_text|><|start_header_id|>ipython<|end_header_id|>\n\n\n  {"temp": 21}\n'
+    assert tok.format_dialog(tool, add_generation_prompt=False) == want + "<|eot_id|>"
+    assert tok.encode_dialog(tool, add_generation_prompt=False) == reference_encoding(ranks).encode(
+        want + "<|eot_id|>", allowed_special="all"
+    )
 
 
 def test_stream_decoder_reassembles_split_characters(sp_path, tt_path):
@@ -220,7 +228,7 @@ def test_file_of_neither_kind(tmp_path):
         Tokenizer.load(junk)
     with pytest.raises(LlamaError, match="does not exist"):
         Tokenizer.load(tmp_path / "missing.model")
-    with pytest.raises(LlamaError, match="without tokenizer.model"):
+    with pytest.raises(LlamaError, match="without tokenizer.model, tokenizer.json"):
         Tokenizer.load(tmp_path / "..")
     broken = tmp_path / "ranks.model"
     broken.write_text("YQ== 0\nYg== 5\n")  # ranks with a gap
@@ -239,3 +247,116 @@ def test_train_from_files_and_bad_training_input(tmp_path):
     with pytest.raises(LlamaError, match="Vocabulary size too high"):
         train_sentencepiece(["a b c", "d e f"], tmp_path / "u.model", 100_000)
     assert not (tmp_path / "u.model").exists()
+
+
+# -- Hugging Face tokenizer.json ----------------------------------------------------------------
+
+
+def hf_dir(root, template=None, **config):
+    """A byte-level BPE tokenizer.json trained by the tokenizers library, with its configs."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus(300), trainer)
+    root.mkdir(parents=True, exist_ok=True)
+    tok.save(str(root / "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", **config}
+    if template is not None:
+        cfg["chat_template"] = template
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def test_hf_tokenizer_ids_bos_and_stops_match_transformers(tmp_path):
+    root = hf_dir(tmp_path / "hf", add_bos_token=True)
+    (root / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    tok = Tokenizer.load(root)
+    ref = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(root / "tokenizer.json"), bos_token="<s>", eos_token="</s>"
+    )
+    assert tok.kind == "hf" and (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)
+    assert tok.stop_ids == {1, 2} and tok.vocab_size == 400
+    for text in SAMPLES:
+        want = ref(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert tok.encode(text) == [0, *want] and tok.decode(want) == text
+    # Without add_bos_token, BOS follows tokenizer.json's post-processor: none here.
+    assert Tokenizer.load(hf_dir(tmp_path / "nobos")).encode("hi") == ref.encode(
+        "hi", add_special_tokens=False
+    )
+
+
+def test_tokenizer_load_order(tmp_path, sp_path):
+    root = hf_dir(tmp_path / "d")
+    (root / "original").mkdir()
+    (root / "original" / "tokenizer.model").write_bytes(sp_path.read_bytes())
+    assert Tokenizer.load(root).kind == "hf"  # tokenizer.json before original/
+    (root / "tokenizer.json").unlink()
+    assert Tokenizer.load(root).kind == "sentencepiece"
+    (root / "tokenizer.model").write_bytes(sp_path.read_bytes())
+    assert Tokenizer.load(root).source.endswith("d/tokenizer.model")
+
+
+TEMPLATE = (
+    "{% for m in messages %}{{ bos_token if loop.first }}<|{{ m.role }}|>\n"
+    "{{ m.content | trim }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_hf_chat_template_renders_like_transformers(tmp_path):
+    root = hf_dir(tmp_path / "hf", template=TEMPLATE)
+    tok = Tokenizer.load(root)
+    ref = transformers.AutoTokenizer.from_pretrained(root)
+    dialog = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "hi"}]
+    for gen in (True, False):
+        want = ref.apply_chat_template(dialog, tokenize=False, add_generation_prompt=gen)
+        assert tok.format_dialog(dialog, add_generation_prompt=gen) == want
+        ids = ref.apply_chat_template(dialog, add_generation_prompt=gen, return_dict=False)
+        assert tok.encode_dialog(dialog, add_generation_prompt=gen) == ids
+    assert tok.encode_dialog(dialog)[0] == tok.bos_id
+
+
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ("{{ raise_exception('no system role') }}", "refused this dialog: no system role"),
+        ("{{ messages.__class__.__mro__ }}", "refused|unsafe"),
+        ("{{ ''.__class__.__subclasses__() }}", "refused|unsafe"),
+        ("{% for %}", "does not parse"),
+    ],
+)
+def test_chat_template_runs_sandboxed(tmp_path, template, match):
+    tok = Tokenizer.load(hf_dir(tmp_path / "hf", template=template))
+    with pytest.raises(LlamaError, match=match):
+        tok.encode_dialog([{"role": "user", "content": "hi"}])
+
+
+def test_hf_tokenizer_bad_files(tmp_path):
+    root = hf_dir(tmp_path / "hf")
+    tok = Tokenizer.load(root)
+    with pytest.raises(LlamaError, match="no chat_template"):
+        tok.encode_dialog([{"role": "user", "content": "hi"}])
+    (root / "tokenizer_config.json").write_text('{"eos_token": "<nope>"}')
+    with pytest.raises(LlamaError, match="not in tokenizer.json"):
+        Tokenizer.load(root)
+    (root / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(LlamaError, match="not valid JSON"):
+        Tokenizer.load(root)
+    (root / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(LlamaError, match="could never stop"):
+        Tokenizer.load(root)
+    (root / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(LlamaError, match="not a tokenizer.json"):
+        Tokenizer.load(root)
+    from llama_jax.tokenizer import read_json_file
+
+    with pytest.raises(LlamaError, match="more than the 10"):
+        read_json_file(root / "tokenizer.json", limit=10)

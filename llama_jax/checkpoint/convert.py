@@ -18,6 +18,7 @@ import numpy as np
 from llama_jax.checkpoint import layout, store
 from llama_jax.checkpoint.mapped import release_freed_memory
 from llama_jax.checkpoint.sources import detect
+from llama_jax.checkpoint.tokenizer_files import copy_tokenizer_files
 from llama_jax.errors import LlamaError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -133,6 +134,7 @@ def convert(
             store.write_group(tmp, store.top_dir(("output",)), {"output": out})
             del out
         store.write_config(tmp, cfg, reader.tokenizer, source={"kind": reader.kind, "path": src})
+        found_tokenizer = copy_tokenizer_files(reader, tmp)
     seconds = time.perf_counter() - t0
     summary = {
         "parameters": totals["parameters"],
@@ -148,6 +150,7 @@ def convert(
             f"{cfg.param_dtype}, {human_bytes(summary['bytes'])} in {seconds:.1f} s "
             f"({human_bytes(summary['bytes'] / max(seconds, 1e-9))}/s)"
         )
+        print(found_tokenizer)
     return summary
 
 

@@ -8,6 +8,8 @@ Three layouts of the same weights:
   [out, in], but rotary embedding on halves (x[j], x[j + H/2]). Their conversion script
   permuted the rows of wq and wk within every head so the half-split code gives the
   same result; `hf_to_meta_qk` undoes that and `meta_to_hf_qk` redoes it.
+* llama.cpp (GGUF): `blk.{i}.attn_q.weight`, [out, in] once dequantized, rows permuted
+  back to Meta's order by llama.cpp's converter (`gguf_to_meta_qk`).
 * This package: Meta's names, input-first einsum shapes (wq [D, N, H]), Meta's rotary
   convention, and one dict per block under "layers".
 
@@ -45,6 +47,35 @@ def hf_to_meta_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     rows, cols = w.shape
     head_dim = rows // n_heads
     return w.reshape(n_heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+# llama.cpp's GGUF files. Its converter (convert_hf_to_gguf.py, LlamaModel.permute)
+# permutes the rows of HF's wq and wk once more, per head of H rows:
+#
+#     hf_to_gguf:  w.reshape(n, 2, H/2, D_in).swapaxes(1, 2).reshape(n * H, D_in)
+#
+# so GGUF row n*H + 2j + p is HF row n*H + p*H/2 + j, which is Meta's row n*H + 2j + p:
+# llama.cpp's permutation is the inverse of HF's, and a GGUF file holds wq and wk in
+# Meta's interleaved order, the order llama.cpp's own rotary (pairs of adjacent
+# features) needs. For wk, n is the number of KV heads.
+
+
+def gguf_to_meta_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """wq or wk rows from a GGUF file in Meta's order: llama.cpp's permutation undone.
+
+    Undoing it (GGUF -> HF) and then HF's (HF -> Meta) composes to the identity, as the
+    comment above derives, so `w` is returned as it is; the function exists so that the
+    GGUF reader states the step and the tests check the derivation.
+
+    Args:
+      w: [n_heads * H, D_in], rows as the GGUF file stores them.
+      n_heads: heads of this weight (query heads for wq, KV heads for wk).
+    Returns:
+      the same rows in Meta's interleaved order.
+    """
+    if w.ndim != 2 or w.shape[0] % n_heads or (w.shape[0] // n_heads) % 2:
+        raise LlamaError(f"A GGUF wq/wk of shape {w.shape} does not split into {n_heads} heads.")
+    return w
 
 
 # Names ----------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def detect(src: str, source: str | None = None, **overrides) -> Source:
 
     Args:
       src: a directory with `params.json` + `consolidated.*.pth` (Meta) or `config.json`
-        + safetensors / pytorch_model*.bin (Hugging Face).
+        + safetensors / pytorch_model*.bin (Hugging Face), or a llama.cpp `.gguf` file.
       source: "meta" or "hf" to force the layout; None to detect it from the files.
       **overrides: LlamaConfig fields (and `rope_scaling_factor`) that win over what the
         config file says or what is assumed; None values are ignored.
@@ -112,6 +112,10 @@ def detect(src: str, source: str | None = None, **overrides) -> Source:
       A validated `Source`.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if src.lower().endswith(".gguf"):  # llama.cpp's single-file format
+        from llama_jax.checkpoint.gguf import GGUFSource
+
+        return GGUFSource(src)
     if not os.path.isdir(src):
         raise LlamaError(f"{src}: no such directory; pass the directory holding the weights.")
     if source not in (None, "meta", "hf"):
