@@ -220,7 +220,6 @@ class LlamaConfig:
         return cls(**data)
 
 
-
 def _llama1(name: str, dim: int, n_layers: int, n_heads: int) -> LlamaConfig:
     return LlamaConfig(
         name=name, dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=32000,
