@@ -423,3 +423,45 @@ def speculative_generate(
         reasons.append(reason)
     rate = float(accepted) / float(proposed) if proposed else 1.0
     return SpeculativeGeneration(tokens_out, reasons, rate, int(rounds))
+
+
+def speculative_generate_text(
+    model: Transformer,
+    draft: Transformer,
+    tokenizer,
+    prompts,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    *,
+    chat: bool = False,
+    stop=None,
+    speculate_k: int = 4,
+    cache_len: int | None = None,
+):
+    """`generate_text` (a batch, no streaming) through `speculative_generate`.
+
+    Args:
+      model, draft, speculate_k, cache_len: as for `speculative_generate`.
+      tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stop:
+        as for `generate_text` (prompts: a list of strings, or of dialogs with chat).
+    Returns:
+      (texts, finish_reasons, acceptance_rate).
+    """
+    if chat:
+        ids = [tokenizer.encode_dialog(d) for d in prompts]
+    else:
+        if not all(isinstance(p, str) and p for p in prompts):
+            raise LlamaError("prompts must be non-empty strings (or dialogs with chat=True).")
+        ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    g = speculative_generate(model, draft, ids, max_new_tokens, temperature, top_k, top_p,
+                             seed, sorted(tokenizer.stop_ids), speculate_k=speculate_k,
+                             cache_len=cache_len, pad_id=tokenizer.pad_id)  # fmt: skip
+    texts, reasons = [tokenizer.decode(t) for t in g], list(g.finish_reasons)
+    for i, text in enumerate(texts):
+        cut = min((text.find(s) for s in (stop or ()) if s and s in text), default=-1)
+        if cut >= 0:
+            texts[i], reasons[i] = text[:cut], STOP
+    return texts, reasons, g.acceptance_rate
