@@ -22,8 +22,17 @@ import llama_jax as lj
 from llama_jax.inference.sampling import filter_logits
 from llama_jax.inference.speculative import draft_from_layers, speculative_generate
 
-CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_dim=128,
-                     max_seq_len=256, dtype="float32", param_dtype="float32")  # fmt: skip
+CFG = lj.LlamaConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=256,
+    ffn_dim=128,
+    max_seq_len=256,
+    dtype="float32",
+    param_dtype="float32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +80,9 @@ def test_stop_ids_and_finish_reasons_as_generate(target, prompts):
     ref = lj.generate(target, prompts, 40)
     stops = [[row[5]] for row in ref[:3]] + [[]]
     want = lj.generate(target, prompts, 40, stop_ids=stops)
-    g = speculative_generate(target, draft_from_layers(target, 1), prompts, 40, stop_ids=stops,
-                             speculate_k=3)  # fmt: skip
+    g = speculative_generate(
+        target, draft_from_layers(target, 1), prompts, 40, stop_ids=stops, speculate_k=3
+    )
     assert list(g) == list(want)
     assert g.finish_reasons == want.finish_reasons
     assert g.finish_reasons[:3] == ["stop"] * 3 and g.finish_reasons[3] == "length"
@@ -154,8 +164,17 @@ def test_bad_drafts(target):
 
 # -- the distribution -----------------------------------------------------------------------------
 
-SMALL = lj.LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=64,
-                       max_seq_len=64, dtype="float32", param_dtype="float32")  # fmt: skip
+SMALL = lj.LlamaConfig(
+    dim=32,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    vocab_size=8,
+    ffn_dim=64,
+    max_seq_len=64,
+    dtype="float32",
+    param_dtype="float32",
+)
 PROMPT = [1, 2, 3]
 N_SAMPLES = 3000
 
@@ -232,8 +251,20 @@ def test_generate_command_with_a_draft(checkpoint, capsys):  # noqa: F811
     path, model, tok = checkpoint
     want = generate_text(model, tok, "the llama", 12)
     for flags in (["--draft-layers", "1"], ["--draft", str(path)]):
-        argv = ["generate", "--checkpoint", str(path), "--prompt", "the llama", "--temperature",
-                "0", "--max-new-tokens", "12", "--speculate", "2", *flags]  # fmt: skip
+        argv = [
+            "generate",
+            "--checkpoint",
+            str(path),
+            "--prompt",
+            "the llama",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+            "--speculate",
+            "2",
+            *flags,
+        ]
         assert main(argv) == 0
         captured = capsys.readouterr()
         assert captured.out == "the llama" + want + "\n"

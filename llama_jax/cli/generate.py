@@ -106,8 +106,13 @@ def add_arguments(p) -> None:
         metavar="N",
         help="draft with the model's own first N layers (no extra memory)",
     )
-    g.add_argument("--speculate", type=int, default=4, metavar="K",
-                   help="tokens the draft proposes per round (default 4)")  # fmt: skip
+    g.add_argument(
+        "--speculate",
+        type=int,
+        default=4,
+        metavar="K",
+        help="tokens the draft proposes per round (default 4)",
+    )
 
 
 def _load_draft(args, model):
@@ -157,21 +162,44 @@ def run(args) -> int:
         from llama_jax.inference.speculative import speculative_generate_text
 
         texts, reasons, rate = speculative_generate_text(
-            model, draft, tokenizer, prompts, args.max_new_tokens, args.temperature,
-            args.top_k, args.top_p, args.seed, chat=args.chat, stop=args.stop,
-            speculate_k=args.speculate, cache_len=args.cache_len,
-        )  # fmt: skip
+            model,
+            draft,
+            tokenizer,
+            prompts,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            chat=args.chat,
+            stop=args.stop,
+            speculate_k=args.speculate,
+            cache_len=args.cache_len,
+        )
         if show:
             if single and not args.chat:
                 sys.stdout.write(texts[0])
-            print(f"[speculative decoding: k={args.speculate}, {rate:.1%} of the draft's "
-                  "tokens accepted]", file=sys.stderr)  # fmt: skip
+            print(
+                f"[speculative decoding: k={args.speculate}, {rate:.1%} of the draft's "
+                "tokens accepted]",
+                file=sys.stderr,
+            )
     else:
         texts, reasons = generate_text(
-        model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
-        args.top_p, args.seed, chat=args.chat, stop=args.stop, cache_len=args.cache_len,
-        on_text=on_text if show and single else None, return_finish_reasons=True,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            prompts,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            chat=args.chat,
+            stop=args.stop,
+            cache_len=args.cache_len,
+            on_text=on_text if show and single else None,
+            return_finish_reasons=True,
+        )
     seconds = time.perf_counter() - start
     if show:
         if single:

@@ -92,8 +92,9 @@ def draft_from_layers(model: Transformer, n: int) -> Transformer:
     """
     L = model.cfg.n_layers
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= L:
-        raise LlamaError(f"draft layers must be an integer in [1, {L}] (the model's layers); "
-                         f"got {n!r}.")  # fmt: skip
+        raise LlamaError(
+            f"draft layers must be an integer in [1, {L}] (the model's layers); got {n!r}."
+        )
     cfg = dataclasses.replace(model.cfg, n_layers=int(n), name=f"{model.cfg.name}[:{n}]")
     # The structure without memory, then the target's own parameters put in.
     draft = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=model.remat))
@@ -150,8 +151,9 @@ def probabilities(logits, temperature, top_k, top_p):
 
     def soft(_):
         x = logits / temperature
-        x = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda x, k, p: x,
-                         x, top_k, top_p)  # fmt: skip
+        x = jax.lax.cond(
+            (top_k > 0) | (top_p < 1.0), filter_logits, lambda x, k, p: x, x, top_k, top_p
+        )
         return jax.nn.softmax(x, axis=-1)
 
     return jax.lax.cond(temperature > 0, soft, greedy, None)
@@ -243,8 +245,9 @@ def _round(target, draft, st: SpecState, stop_ids, sampling, key, n_tokens, k, p
     # Slots I + j hold a row's real tokens for j <= a; the rest become holes.
     valid = jax.lax.dynamic_update_slice(t_cache.valid, j <= a[:, None], (0, st.index))
     step = jnp.max(jnp.where(active, a + 1, 0))
-    prev = jnp.where(a > 0, jnp.take_along_axis(guesses, jnp.maximum(a - 1, 0)[:, None], 1)[:, 0],
-                     st.token)  # fmt: skip
+    prev = jnp.where(
+        a > 0, jnp.take_along_axis(guesses, jnp.maximum(a - 1, 0)[:, None], 1)[:, 0], st.token
+    )
     return SpecState(
         target=dataclasses.replace(t_cache, valid=valid),
         draft=dataclasses.replace(cache, valid=valid),
@@ -275,8 +278,9 @@ def _draft_prefill(graphdef, state, tokens, mask, *, cache_len):
 @functools.partial(
     jax.jit, static_argnames=("t_graph", "d_graph", "k", "pad_id"), donate_argnames=("st",)
 )
-def _speculate(t_graph, t_state, d_graph, d_state, st, stop_ids, sampling, key, n_tokens,
-               *, k, pad_id):  # fmt: skip
+def _speculate(
+    t_graph, t_state, d_graph, d_state, st, stop_ids, sampling, key, n_tokens, *, k, pad_id
+):
     """Rounds on the device until every row is done or a round no longer fits the cache."""
     target, draft = nnx.merge(t_graph, t_state), nnx.merge(d_graph, d_state)
     S = st.target.max_len
@@ -287,8 +291,9 @@ def _speculate(t_graph, t_state, d_graph, d_state, st, stop_ids, sampling, key, 
     )
 
 
-def speculative_cache_len(prompt_bucket: int, max_new_tokens: int, k: int, batch: int,
-                          max_len: int) -> int:  # fmt: skip
+def speculative_cache_len(
+    prompt_bucket: int, max_new_tokens: int, k: int, batch: int, max_len: int
+) -> int:
     """Default slots: room for every round even when one row keeps no guess.
 
     A round needs k + 1 free slots. With one row the cache grows by exactly the tokens
@@ -385,8 +390,17 @@ def speculative_generate(
     arrays = sampling.arrays()
     key = jax.random.key(sampling.seed)
     with sharding.use_mesh(mesh):
-        ds = _prefill(t_graph, t_state, tokens, mask, stop_table, arrays, key,
-                      cache_len=cache_len, pad_id=pad_id)  # fmt: skip
+        ds = _prefill(
+            t_graph,
+            t_state,
+            tokens,
+            mask,
+            stop_table,
+            arrays,
+            key,
+            cache_len=cache_len,
+            pad_id=pad_id,
+        )
         d_cache = _draft_prefill(d_graph, d_state, tokens, mask, cache_len=cache_len)
         st = SpecState(
             target=ds.cache,
@@ -404,8 +418,19 @@ def speculative_generate(
             proposed=jnp.zeros((), jnp.int32),
             accepted=jnp.zeros((), jnp.int32),
         )
-        st = _speculate(t_graph, t_state, d_graph, d_state, st, stop_table, arrays, key,
-                        np.int32(n_tokens), k=k, pad_id=pad_id)  # fmt: skip
+        st = _speculate(
+            t_graph,
+            t_state,
+            d_graph,
+            d_state,
+            st,
+            stop_table,
+            arrays,
+            key,
+            np.int32(n_tokens),
+            k=k,
+            pad_id=pad_id,
+        )
     out, count, stopped, rounds, proposed, accepted = jax.device_get(
         (st.out, st.count, st.stopped, st.rounds, st.proposed, st.accepted)
     )
@@ -456,9 +481,20 @@ def speculative_generate_text(
         if not all(isinstance(p, str) and p for p in prompts):
             raise LlamaError("prompts must be non-empty strings (or dialogs with chat=True).")
         ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    g = speculative_generate(model, draft, ids, max_new_tokens, temperature, top_k, top_p,
-                             seed, sorted(tokenizer.stop_ids), speculate_k=speculate_k,
-                             cache_len=cache_len, pad_id=tokenizer.pad_id)  # fmt: skip
+    g = speculative_generate(
+        model,
+        draft,
+        ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        sorted(tokenizer.stop_ids),
+        speculate_k=speculate_k,
+        cache_len=cache_len,
+        pad_id=tokenizer.pad_id,
+    )
     texts, reasons = [tokenizer.decode(t) for t in g], list(g.finish_reasons)
     for i, text in enumerate(texts):
         cut = min((text.find(s) for s in (stop or ()) if s and s in text), default=-1)
