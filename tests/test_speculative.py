@@ -212,9 +212,11 @@ def _chi_square_rejects(rows, exact) -> bool:
         return True
     big = expected >= 5  # pool the rare (but possible) cells into one
     rare = ~big & (expected > 0)
-    obs = np.append(counts[big], counts[rare].sum())
-    exp = np.append(expected[big], expected[rare].sum())
+    obs, exp = counts[big], expected[big]
+    if rare.any():
+        obs, exp = np.append(obs, counts[rare].sum()), np.append(exp, expected[rare].sum())
     stat = np.sum((obs - exp) ** 2 / exp)
+    assert np.isfinite(stat)
     df = len(obs) - 1
     # Wilson-Hilferty: the chi-square quantile from the normal one (z for 1 - 1e-3).
     crit = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
