@@ -9,6 +9,7 @@ from llama_jax.checkpoint import load
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
 from llama_jax.errors import LlamaError
 from llama_jax.inference.generate import generate, generate_text
+from llama_jax.inference.speculative import draft_from_layers, speculative_generate
 from llama_jax.model import KVCache, Transformer, abstract_model, build_model, count_params
 from llama_jax.tokenizer import Tokenizer
 
@@ -25,8 +26,10 @@ __all__ = [
     "abstract_model",
     "build_model",
     "count_params",
+    "draft_from_layers",
     "generate",
     "generate_text",
     "get_preset",
     "load",
+    "speculative_generate",
 ]

@@ -100,6 +100,43 @@ def add_arguments(p) -> None:
         help="a string that ends the text (repeatable)",
     )
     add_sampling_arguments(p, max_new_tokens=256)
+    g = p.add_argument_group("speculative decoding (the output is the model's own)")
+    draft = g.add_mutually_exclusive_group()
+    draft.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="a smaller llama-jax checkpoint with the same tokenizer as draft",
+    )
+    draft.add_argument(
+        "--draft-layers",
+        type=int,
+        metavar="N",
+        help="draft with the model's own first N layers (no extra memory)",
+    )
+    g.add_argument(
+        "--speculate",
+        type=int,
+        default=4,
+        metavar="K",
+        help="tokens the draft proposes per round (default 4)",
+    )
+
+
+def _load_draft(args, model):
+    """The draft model of --draft / --draft-layers, or None."""
+    import os
+
+    import llama_jax
+    from llama_jax.inference.speculative import draft_from_layers
+    from llama_jax.sharding import make_mesh
+
+    if args.draft_layers is not None:
+        return draft_from_layers(model, args.draft_layers)
+    if args.draft is None:
+        return None
+    if not os.path.isdir(args.draft):
+        raise LlamaError(f"--draft {args.draft}: no such directory.")
+    return llama_jax.load(args.draft, mesh=make_mesh(args.mesh), dtype=args.dtype)
 
 
 def run(args) -> int:
@@ -110,6 +147,7 @@ def run(args) -> int:
     from llama_jax.sharding import is_main_process
 
     model, tokenizer = load_for_generation(args)
+    draft = _load_draft(args, model)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [[*system, {"role": "user", "content": p}] for p in args.prompt]
@@ -127,11 +165,48 @@ def run(args) -> int:
     if show and single and not args.chat:
         sys.stdout.write(args.prompt[0])
     start = time.perf_counter()
-    texts, reasons = generate_text(
-        model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
-        args.top_p, args.seed, chat=args.chat, stop=args.stop, cache_len=args.cache_len,
-        on_text=on_text if show and single else None, return_finish_reasons=True,
-    )  # fmt: skip
+    if draft is not None:
+        from llama_jax.inference.speculative import speculative_generate_text
+
+        texts, reasons, rate = speculative_generate_text(
+            model,
+            draft,
+            tokenizer,
+            prompts,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            chat=args.chat,
+            stop=args.stop,
+            speculate_k=args.speculate,
+            cache_len=args.cache_len,
+        )
+        if show:
+            if single and not args.chat:
+                sys.stdout.write(texts[0])
+            print(
+                f"[speculative decoding: k={args.speculate}, {rate:.1%} of the draft's "
+                "tokens accepted]",
+                file=sys.stderr,
+            )
+    else:
+        texts, reasons = generate_text(
+            model,
+            tokenizer,
+            prompts,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            chat=args.chat,
+            stop=args.stop,
+            cache_len=args.cache_len,
+            on_text=on_text if show and single else None,
+            return_finish_reasons=True,
+        )
     seconds = time.perf_counter() - start
     if show:
         if single:
