@@ -28,8 +28,9 @@
 # `~/.cache/llama-jax`.
 #
 # **How to run it.**
-# - *CPU laptop*: `pip install "llama-jax[notebooks]"` (or `pip install -e ".[dev]"` in a
-#   clone), then open the `.ipynb` in Jupyter; under two minutes after the first fetch.
+# - *CPU laptop*: open the `.ipynb` in Jupyter; the install cell at the top installs
+#   llama-jax unless it is importable (in a clone, `pip install -e ".[dev]"` first);
+#   under two minutes after the first fetch.
 # - *GPU*: the same after `pip install -U "jax[cuda13]"`.
 # - *Colab TPU*: Runtime > Change runtime type > TPU, then run the install cell.
 #

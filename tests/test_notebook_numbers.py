@@ -6,6 +6,7 @@ the notebooks compute from `llama_jax.PRESETS`, and the hardware figures their t
 cites are compared with `llama_jax.perf.PEAK_FLOPS`.
 """
 
+import functools
 from pathlib import Path
 
 import jax
@@ -38,6 +39,7 @@ def mlp_share_published(name):
     return L * 3 * D * F / total
 
 
+@functools.cache
 def mlp_share_counted(name):
     """As notebook 02 counts it: feed_forward leaves of the abstract model."""
     state = nnx.to_pure_dict(nnx.state(lj.abstract_model(lj.PRESETS[name]), nnx.Param))
