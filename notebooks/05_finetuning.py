@@ -28,8 +28,9 @@
 # conversations it is "Lulu", a llama, and says so to questions it never saw.
 #
 # **How to run it.**
-# - *CPU laptop*: `pip install "llama-jax[notebooks]"` (or `pip install -e ".[dev]"` in a
-#   clone), then open the `.ipynb` in Jupyter; two to three minutes, 4 GB of memory.
+# - *CPU laptop*: open the `.ipynb` in Jupyter; the install cell at the top installs
+#   llama-jax unless it is importable (in a clone, `pip install -e ".[dev]"` first);
+#   two to three minutes, 4 GB of memory.
 # - *GPU*: the same after `pip install -U "jax[cuda13]"`; raise `STEPS` and the data.
 # - *Colab TPU*: Runtime > Change runtime type > TPU, then run the install cell.
 #
