@@ -1,19 +1,24 @@
 """Every teaching notebook runs top to bottom, draws its figures and keeps its shape.
 
-The notebooks live in notebooks/ as jupytext percent-format scripts (no outputs in git).
-Each test converts one to a notebook in memory and executes it with nbclient in a fresh
-IPython kernel of this interpreter, so a cell that raises, or a check inside a notebook
-that no longer holds against the package, fails the test. Nothing is installed or
-registered globally: the kernel is the "python3" kernelspec, which jupyter_client starts
-with `sys.executable`, and Jupyter's runtime files go to a temporary directory.
+The notebooks' source is notebooks/NN_name.py, a jupytext percent-format script;
+notebooks/NN_name.ipynb beside it is the same notebook with its outputs, written by
+`python scripts/build_notebooks.py` (two generated cells in front: the Colab link and the
+install command). Two kinds of test:
+
+- execution: each .py is converted in memory and executed with nbclient in a fresh
+  IPython kernel of this interpreter (scripts/build_notebooks.py's `execute`, the same
+  code that builds the .ipynb files), so a cell that raises, or a check inside a notebook
+  that no longer holds against the package, fails the test;
+- agreement (fast): each .ipynb holds exactly the .py's cells after the generated ones,
+  and a figure wherever the .py draws one, so the two cannot drift.
 
 Set LLAMA_JAX_NOTEBOOK_OUT=DIR to keep the executed notebooks (with their outputs) there.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,47 +30,24 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+_spec = importlib.util.spec_from_file_location(
+    "build_notebooks", ROOT / "scripts/build_notebooks.py"
+)
+build_notebooks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_notebooks)
 
-# Generous per-cell limit: a cell stuck this long is broken, not slow.
-CELL_TIMEOUT_S = 300
+NOTEBOOKS = build_notebooks.notebook_paths()
+HEADER = 2  # generated cells in front of every .ipynb: Colab link, install command
 
 # The first cell the test adds: it records which interpreter runs the kernel.
 _PROBE = "import sys as _sys; print('KERNEL-PREFIX=' + _sys.prefix)"
 
 
-def kernel_env(tmp_path: Path) -> dict[str, str]:
-    """The kernel's environment: the user's, minus what the test process set for itself.
-
-    The test suite simulates 8 CPU devices through XLA_FLAGS; the notebooks must not rely
-    on that (the sharding notebook sets the flag itself, as a reader's kernel would).
-    Matplotlib uses the inline backend so figures become image/png outputs.
-    """
-    env = dict(os.environ)
-    flags = env.pop("XLA_FLAGS", "")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
-    if flags:
-        env["XLA_FLAGS"] = flags
-    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "jupyter-runtime")
-    env["IPYTHONDIR"] = str(tmp_path / "ipython")
-    env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # silences a debugger warning per kernel
-    env.pop("LLAMA_JAX_CHECKPOINT", None)  # CI runs the built-in tiny models
-    return env
-
-
 def execute(path: Path, tmp_path: Path):
-    """Execute one notebook; returns the executed nbformat notebook."""
-    nb = jupytext.read(path)
+    """Execute one notebook's .py; returns the executed nbformat notebook."""
+    nb = build_notebooks.read_source(path)
     nb.cells.insert(0, jupytext.reads(f"# %%\n{_PROBE}\n", fmt="py:percent").cells[0])
-    client = nbclient.NotebookClient(
-        nb,
-        kernel_name="python3",
-        timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute(env=kernel_env(tmp_path), cwd=str(tmp_path))
+    build_notebooks.execute(nb, tmp_path)
     out_dir = os.environ.get("LLAMA_JAX_NOTEBOOK_OUT")
     if out_dir:  # keep the executed notebook, outputs and all, for reading
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -93,6 +75,13 @@ def has_image(cell) -> bool:
     )
 
 
+def draws_figure(cell) -> bool:
+    """A cell that shows a figure: plt.show(), or a live figure through display()."""
+    return cell.cell_type == "code" and (
+        "plt.show()" in cell.source or "display(fig" in cell.source
+    )
+
+
 # One notebook per topic of the teaching set.
 TOPICS = [
     "01_architecture",
@@ -105,8 +94,7 @@ TOPICS = [
 
 
 def test_notebooks_exist():
-    # Stored as jupytext scripts; .ipynb copies made by readers are git-ignored.
-    assert [p.stem for p in NOTEBOOKS] == TOPICS
+    assert [p.stem for p in NOTEBOOKS][: len(TOPICS)] == TOPICS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -125,12 +113,45 @@ def test_notebook_runs_and_draws(path, tmp_path):
     errors = [o for c in code for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
 
-    # Every cell that shows a figure (plt.show(), or a live figure through display())
-    # must have produced one as an image.
-    figure_cells = [c for c in code if "plt.show()" in c.source or "display(fig" in c.source]
+    # Every cell that shows a figure must have produced one as an image.
+    figure_cells = [c for c in code if draws_figure(c)]
     assert figure_cells, f"{path.name} draws no figures"
     blank = [c.source.splitlines()[0] for c in figure_cells if not has_image(c)]
     assert not blank, f"cells whose figure did not render: {blank}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_ipynb_matches_its_py(path):
+    """The committed .ipynb is the .py's notebook, executed: same cells, figures present."""
+    ipynb = path.with_suffix(".ipynb")
+    assert ipynb.is_file(), f"no {ipynb.name}: run `python scripts/build_notebooks.py {path.stem}`"
+    built = nbformat.read(ipynb, as_version=4)
+    source = build_notebooks.read_source(path)
+    rebuild = f"{ipynb.name} differs from {path.name}: run scripts/build_notebooks.py {path.stem}"
+
+    header = [(c.cell_type, c.source) for c in built.cells[:HEADER]]
+    assert header == build_notebooks.header_sources(path.stem), rebuild
+    got = [(c.cell_type, c.source) for c in built.cells[HEADER:]]
+    want = [(c.cell_type, c.source) for c in source.cells]
+    assert got == want, rebuild
+
+    code = [c for c in built.cells[HEADER:] if c.cell_type == "code"]
+    assert all(c.get("outputs") is not None for c in code)
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{ipynb.name} was saved with an error: {errors[0].get('ename')}"
+    missing = [c.source.splitlines()[0] for c in code if draws_figure(c) and not has_image(c)]
+    assert not missing, f"{ipynb.name}: figures without an image/png output: {missing}"
+    assert any(c.outputs for c in code), f"{ipynb.name} holds no outputs"
+
+
+def test_header_points_at_one_repository():
+    """The Colab link and the install command both come from REPO_URL."""
+    url = build_notebooks.REPO_URL
+    (kind1, badge), (kind2, install) = build_notebooks.header_sources("01_architecture")
+    assert (kind1, kind2) == ("markdown", "code")
+    assert "colab.research.google.com/github/" + url.removeprefix("https://github.com/") in badge
+    assert "notebooks/01_architecture.ipynb" in badge
+    assert f"llama-jax @ git+{url}" in install and "torch" not in install
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -144,6 +144,10 @@ class GGUFSource(Source):
             self.dtype = np.dtype(np.float16 if name == "float16" else ml_dtypes.bfloat16)
             self.cfg = self.cfg.replace(param_dtype=name, dtype=name)
 
+    @property
+    def has_output(self) -> bool:
+        return "output.weight" in self.tensors
+
     # Metadata ---------------------------------------------------------------------
 
     def _get(self, key: str, default=None, *, required: bool = False):
