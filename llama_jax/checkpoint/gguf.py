@@ -283,10 +283,6 @@ class GGUFSource(Source):
                     "the gguf package cannot dequantize; requantize the model with llama.cpp."
                 )
 
-    @property
-    def has_output(self) -> bool:
-        return "output.weight" in self.tensors
-
     def read_into(self, name: str, out: np.ndarray) -> None:
         from gguf.quants import dequantize
 
