@@ -5,13 +5,18 @@ model/kv_cache, model/transformer. Around it, one folder per concern: sharding/,
 checkpoint/, inference/, training/, cli/ (docs/architecture.md draws the map).
 """
 
-from llama_jax.checkpoint import load
-from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
-from llama_jax.errors import LlamaError
-from llama_jax.inference.generate import generate, generate_text
-from llama_jax.inference.speculative import draft_from_layers, speculative_generate
-from llama_jax.model import KVCache, Transformer, abstract_model, build_model, count_params
-from llama_jax.tokenizer import Tokenizer
+# Before anything allocates: glibc keeps XLA's freed buffers for reuse (see runtime.py).
+from llama_jax import runtime  # noqa: I001
+
+runtime.keep_freed_memory()
+
+from llama_jax.checkpoint import load  # noqa: E402
+from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset  # noqa: E402
+from llama_jax.errors import LlamaError  # noqa: E402
+from llama_jax.inference.generate import generate, generate_text  # noqa: E402
+from llama_jax.inference.speculative import draft_from_layers, speculative_generate  # noqa: E402
+from llama_jax.model import KVCache, Transformer, abstract_model, build_model, count_params  # noqa: E402
+from llama_jax.tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 

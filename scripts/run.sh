@@ -22,15 +22,6 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
-# Back glibc's malloc with transparent huge pages. XLA's CPU backend allocates its
-# temporary buffers afresh on every call and glibc returns large ones to the kernel, so
-# each step faulted in every page of them again (445,000 faults, 0.8 s of kernel time per
-# bench-134m training step); 2 MiB pages cut that ~200-fold and the step by ~14%.
-case "${GLIBC_TUNABLES:-}" in
-    *glibc.malloc.hugetlb*) ;;
-    "") export GLIBC_TUNABLES="glibc.malloc.hugetlb=1" ;;
-    *) export GLIBC_TUNABLES="$GLIBC_TUNABLES:glibc.malloc.hugetlb=1" ;;
-esac
 if [ "$#" -eq 0 ]; then
     echo "usage: bash scripts/run.sh COMMAND [ARGS...]" >&2
     exit 2

@@ -52,7 +52,7 @@ def attend(
     # padding query) gets uniform weights instead of NaN, and its output is ignored.
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
+    out = jnp.einsum("BKSH,BKGTS->BTKGH", v, probs)  # values first: the cache is read in place
     return out.reshape(B, T, N, H)
 
 

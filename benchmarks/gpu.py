@@ -1,0 +1,230 @@
+"""GPU figures on one NVIDIA GPU, in about five minutes: MFU, decode against HBM, prefill.
+
+    pip install -e . && pip install -U "jax[cuda12]"     # or jax[cuda13] for CUDA 13 drivers
+    python benchmarks/gpu.py --out DIR                    # writes DIR/benchmark_gpu.json
+    python benchmarks/gpu.py --smoke --out DIR            # tiny shapes on any backend (CPU)
+
+Figures, all through the library's entry points on random weights of the `llama3.2-1b`
+preset's shape (1.24B parameters) in bfloat16:
+
+- the card's measured ceilings: bfloat16 matmul FLOP/s (8192^3) and copy bandwidth
+  (`x + 1` over 2 GiB, bytes read plus written);
+- training: `training.Trainer.step` on 4 x 2048 tokens, bfloat16 compute, cuDNN
+  attention, no remat; MFU against the data-sheet peak (`llama_jax.perf.PEAK_FLOPS`)
+  and against the measured matmul rate;
+- decode at batch 1 and 8 through `llama_jax.generate`, tokens/s and the weight bytes
+  read per second as a fraction of the measured copy bandwidth;
+- prefill 1 x 2048 (`Transformer.__call__` under `nnx.jit`) with attention "xla" and
+  "cudnn";
+- batch-1 decode of an int8 model against bfloat16, when `llama_jax.inference.int8` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/gpu.py`: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import llama_jax as lj
+from benchmarks.harness import load_average, machine_record, time_calls
+from llama_jax.checkpoint import save
+from llama_jax.model import Transformer, count_params
+from llama_jax.perf import PEAK_FLOPS, model_flops_per_token
+from llama_jax.training import TrainConfig, Trainer
+
+
+def sync(x):
+    return jax.block_until_ready(x)
+
+
+def ceilings(smoke: bool) -> dict:
+    """Measured bfloat16 matmul FLOP/s and copy bytes/s (read + write) of the device."""
+    n = 256 if smoke else 8192
+    a = jnp.ones((n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a: a @ a)
+    t_mm = time_calls(lambda: sync(mm(a)), 5)
+    count = (1 << 20) if smoke else (1 << 30)  # bfloat16 elements: 2 MiB or 2 GiB
+    x = jnp.ones((count,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + 1)
+    t_cp = time_calls(lambda: sync(add(x)), 5)
+    return {"matmul_flops": 2 * n**3 / t_mm["min"], "copy_bytes": 2 * 2 * count / t_cp["min"]}
+
+
+def make_trainer(cfg, tc, attention: str) -> Trainer:
+    """A Trainer whose model computes attention with `attention`.
+
+    Uses TrainConfig's own field when it has one; otherwise the trainer's graph
+    definition is rebuilt with the kernel (the step is traced from it on first call).
+    """
+    if "attention" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return Trainer(cfg, dataclasses.replace(tc, attention=attention))
+    trainer = Trainer(cfg, tc)
+    abstract = nnx.eval_shape(
+        lambda: Transformer(trainer.cfg, rngs=nnx.Rngs(0), remat=tc.remat, attention=attention)
+    )
+    trainer.graphdef = nnx.graphdef(abstract)
+    return trainer
+
+
+def training(cfg, batch: int, seq: int, attention: str, roof: dict, repeats: int) -> dict:
+    tc = TrainConfig(
+        batch_size=batch, seq_len=seq, compute_dtype="bfloat16", steps=100, warmup_steps=10
+    )
+    trainer = make_trainer(cfg, tc, attention)
+    params = trainer.init_params()
+    state = [params, trainer.init_opt_state(params)]
+    rows = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, batch, seq + 1))
+    data = trainer.put_batch(
+        {
+            "tokens": rows[..., :-1].astype(np.int32),
+            "targets": rows[..., 1:].astype(np.int32),
+            "weights": np.ones((1, batch, seq), np.float32),
+        }
+    )
+
+    def step():
+        state[0], state[1], metrics = trainer.step(state[0], state[1], data)
+        sync(metrics["loss"])
+
+    t = time_calls(step, repeats, warmup=2)
+    tokens_s = batch * seq / t["median"]
+    flops = model_flops_per_token(cfg, seq) * tokens_s
+    peak = next(
+        (v for k, v in PEAK_FLOPS.items() if jax.devices()[0].device_kind.startswith(k)), None
+    )
+    return {
+        "tokens_per_s": tokens_s,
+        "seconds_per_step": t["median"],
+        "mfu_datasheet": None if peak is None else flops / peak,
+        "mfu_measured": flops / roof["matmul_flops"],
+    }
+
+
+def decode(model, batch: int, prompt: int, new: int, roof: dict, repeats: int) -> dict:
+    """Decode tokens/s of `lj.generate` and weight bytes per second over the copy bandwidth."""
+    cfg = model.cfg
+    rows = np.random.default_rng(1).integers(3, cfg.vocab_size, (batch, prompt)).tolist()
+    one = time_calls(lambda: lj.generate(model, rows, 1), repeats)
+    many = time_calls(lambda: lj.generate(model, rows, new), repeats)
+    step_s = (many["median"] - one["median"]) / (new - 1)
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    read = weights - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim * 2)
+    return {
+        "tokens_per_s": batch / step_s,
+        "ms_per_step": 1e3 * step_s,
+        "weight_bytes_per_s": read / step_s,
+        "fraction_of_copy_bandwidth": read / step_s / roof["copy_bytes"],
+    }
+
+
+def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
+    model = lj.build_model(cfg, seed=0, attention=attention)
+    x = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (1, length)), jnp.int32)
+    forward = nnx.jit(lambda m, x: m(x))
+    t = time_calls(lambda: sync(forward(model, x)), repeats, warmup=2)
+    return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for benchmark_gpu.json")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on any backend")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    device = jax.devices()[0]
+    if device.platform != "gpu" and not smoke:
+        print(
+            f"no GPU: JAX runs on {device.platform} ({device.device_kind}); install "
+            "jax[cuda12] on a CUDA machine, or pass --smoke to check the script."
+        )
+        return 2
+    base = lj.get_preset("tiny" if smoke else "llama3.2-1b")
+    cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16")
+    batch, seq = (2, 64) if smoke else (4, 2048)
+    prompt, new = (16, 9) if smoke else (128, 65)
+    repeats = 2 if smoke else 5
+    # cuDNN needs a GPU; the smoke run checks the same code with the reference kernel.
+    fused = "xla" if smoke else "cudnn"
+
+    record = machine_record(sys.argv[1:] if argv is None else argv)
+    record.update(
+        device=device.device_kind,
+        jax=jax.__version__,
+        smoke=smoke,
+        preset=base.name,
+        parameters=count_params(lj.abstract_model(cfg)),
+    )
+    results: dict = {"machine": record}
+    table = []
+
+    def row(name, value, note=""):
+        table.append((name, value, note))
+        print(f"{name:<44} {value:>14} {note}", flush=True)
+
+    roof = ceilings(smoke)
+    results["ceilings"] = roof
+    row("bf16 matmul (measured)", f"{roof['matmul_flops'] / 1e12:.1f} TFLOP/s")
+    row("copy bandwidth (measured, read+write)", f"{roof['copy_bytes'] / 1e12:.2f} TB/s")
+
+    tr = training(cfg, batch, seq, fused, roof, repeats)
+    results["train"] = {"batch": batch, "seq": seq, "attention": fused, **tr}
+    mfu = "n/a" if tr["mfu_datasheet"] is None else f"{100 * tr['mfu_datasheet']:.1f}%"
+    row(
+        f"train {batch}x{seq} bf16, {fused}",
+        f"{tr['tokens_per_s']:.0f} tok/s",
+        f"MFU {mfu} of data sheet, {100 * tr['mfu_measured']:.1f}% of measured",
+    )
+    jax.clear_caches()
+
+    model = lj.build_model(cfg, seed=0)
+    results["decode"] = {}
+    for b in (1, 8):
+        d = decode(model, b, prompt, new, roof, repeats)
+        results["decode"][f"batch{b}"] = d
+        row(
+            f"decode batch {b} bf16",
+            f"{d['tokens_per_s']:.0f} tok/s",
+            f"{d['ms_per_step']:.2f} ms/step, weights at "
+            f"{100 * d['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth",
+        )
+    del model
+
+    results["prefill"] = {}
+    for attention in dict.fromkeys(("xla", fused)):
+        pf = prefill(cfg, seq, attention, repeats)
+        results["prefill"][attention] = pf
+        row(f"prefill 1x{seq}, attention={attention}", f"{pf['tokens_per_s']:.0f} tok/s")
+
+    if importlib.util.find_spec("llama_jax.inference.int8") is not None:
+        with_dir = os.path.join(args.out, "int8-checkpoint")
+        save(lj.build_model(cfg, seed=0), with_dir, force=True)
+        q8 = lj.load(with_dir, quantize="int8")
+        d8 = decode(q8, 1, prompt, new, roof, repeats)
+        ratio = d8["tokens_per_s"] / results["decode"]["batch1"]["tokens_per_s"]
+        results["decode"]["batch1_int8"] = {**d8, "vs_bfloat16": ratio}
+        row("decode batch 1 int8", f"{d8['tokens_per_s']:.0f} tok/s", f"{ratio:.2f}x bfloat16")
+    else:
+        row("decode batch 1 int8", "skipped", "(llama_jax.inference.int8 not in this tree)")
+
+    record["load_average_end"] = load_average()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "benchmark_gpu.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
