@@ -6,8 +6,6 @@ F MLP width, N query heads, H head dim.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,18 +36,7 @@ def linear(spec: str, x: jax.Array, w, dtype, out_dtype=None) -> jax.Array:
     """
     if isinstance(w, nnx.Module):
         return w(spec, x, dtype, out_dtype)
-    x, w = x.astype(dtype), w[...].astype(dtype)
-    ins, out = spec.split("->")
-    xs, ws = ins.split(",")
-    c = (len(xs) + len(ws) - len(out)) // 2  # contracted axes, if x's last are w's first
-    if xs[len(xs) - c :] == ws[:c] and out == xs[: len(xs) - c] + ws[c:]:
-        # As one 2-D product [rows, in] x [in, out]: reshaping row-major arrays is free, and
-        # it is the form every backend's matmul takes without transposing an operand.
-        k = math.prod(w.shape[:c])
-        y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
-        y = y.reshape(*x.shape[: len(xs) - c], *w.shape[c:])
-    else:
-        y = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+    y = jnp.einsum(spec, x.astype(dtype), w[...].astype(dtype), preferred_element_type=out_dtype)
     return y if out_dtype is None else y.astype(out_dtype)
 
 
