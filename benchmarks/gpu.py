@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 
 if __package__ in (None, ""):  # `python benchmarks/gpu.py`: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -207,8 +208,8 @@ def main(argv=None) -> int:
         row(f"prefill 1x{seq}, attention={attention}", f"{pf['tokens_per_s']:.0f} tok/s")
 
     if importlib.util.find_spec("llama_jax.inference.int8") is not None:
-        with_dir = os.path.join(args.out, "int8-checkpoint")
-        save(lj.build_model(cfg, seed=0), with_dir, force=True)
+        with_dir = os.path.join(tempfile.mkdtemp(), "int8-checkpoint")
+        save(lj.build_model(cfg, seed=0), with_dir)
         q8 = lj.load(with_dir, quantize="int8")
         d8 = decode(q8, 1, prompt, new, roof, repeats)
         ratio = d8["tokens_per_s"] / results["decode"]["batch1"]["tokens_per_s"]
