@@ -101,7 +101,7 @@ class LoRA(nnx.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.dropout = float(dropout)
-        self.dropout_key = None  # set for one training forward by `set_dropout_key`
+        self.dropout_key = nnx.data(None)  # set for one training forward by `set_dropout_key`
 
     @property
     def scale(self) -> float:
@@ -270,7 +270,7 @@ def set_dropout_key(model, key) -> None:
       key: a jax random key (e.g. folded from the run's seed and the step), or None.
     """
     for n, (_, _, mod) in enumerate(lora_modules(model)):
-        mod.dropout_key = None if key is None else jax.random.fold_in(key, n)
+        mod.dropout_key = nnx.data(None if key is None else jax.random.fold_in(key, n))
 
 
 def merge(model):
