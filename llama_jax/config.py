@@ -14,11 +14,9 @@ built, so a config that cannot work fails at construction with the field's name.
 from __future__ import annotations
 
 import dataclasses
-import math
-import reprlib
 from typing import Any
 
-from llama_jax.errors import LlamaError
+from llama_jax.errors import LlamaError, brief, check_int, check_real
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -28,53 +26,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # typo or a hostile file is refused before anything is sized from it.
 _MAX = dict(dim=2**20, n_layers=2**14, n_heads=2**14, n_kv_heads=2**14, vocab_size=2**24)
 _MAX.update(multiple_of=2**22, ffn_dim=2**22, max_seq_len=2**26, original_max_seq_len=2**26)
-
-
-def check_int(where: str, value: Any, low: int = 1, high: int | None = None) -> int:
-    """`value` if it is an integer in [low, high] (bools refused), else a LlamaError.
-
-    Args:
-      where: the field's name for the message, e.g. "LlamaConfig.dim".
-      value: the value to check.
-      low, high: the inclusive range.
-    Returns:
-      The value.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise LlamaError(f"{where} must be an integer, got {_short(value)}.")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise LlamaError(f"{where} must be {bound}, got {value}.")
-    return value
-
-
-def check_real(where: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
-    """`value` as a float if it is a finite real number with low < value < high.
-
-    Args:
-      where: the field's name for the message.
-      value: an int or float (bools, strings, NaN and infinities are refused).
-      low, high: the exclusive range.
-    Returns:
-      float(value).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LlamaError(f"{where} must be a number, got {_short(value)}.")
-    value = float(value)
-    if not math.isfinite(value):
-        raise LlamaError(f"{where} must be finite, got {value}.")
-    if not low < value < high:
-        raise LlamaError(f"{where} must be greater than {low} and less than {high}, got {value}.")
-    return value
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-
-
-def _short(value: Any) -> str:
-    """A bounded repr for messages (a hostile file may hold megabytes in one field)."""
-    return _REPR.repr(value) + f" ({type(value).__name__})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +47,7 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type != "llama3":
             raise LlamaError(
-                f"rope_scaling.rope_type={_short(self.rope_type)} is not supported: LLaMA models "
+                f"rope_scaling.rope_type={brief(self.rope_type)} is not supported: LLaMA models "
                 "use 'llama3' scaling (Llama 3.1/3.2) or none at all (rope_scaling=None)."
             )
         for field in ("factor", "low_freq_factor", "high_freq_factor"):
@@ -152,7 +103,7 @@ class LlamaConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise LlamaError(
                 "LlamaConfig.rope_scaling must be null or an object, got "
-                f"{_short(self.rope_scaling)}."
+                f"{brief(self.rope_scaling)}."
             )
         for field in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             check_int(f"LlamaConfig.{field}", getattr(self, field), high=_MAX[field])
@@ -171,14 +122,14 @@ class LlamaConfig:
         if not isinstance(self.tie_word_embeddings, bool):
             raise LlamaError(
                 f"LlamaConfig.tie_word_embeddings must be true or false, got "
-                f"{_short(self.tie_word_embeddings)}."
+                f"{brief(self.tie_word_embeddings)}."
             )
         if not isinstance(self.name, str):
-            raise LlamaError(f"LlamaConfig.name must be a string, got {_short(self.name)}.")
+            raise LlamaError(f"LlamaConfig.name must be a string, got {brief(self.name)}.")
         for field in ("param_dtype", "dtype"):
             if not isinstance(getattr(self, field), str) or getattr(self, field) not in DTYPES:
                 raise LlamaError(
-                    f"LlamaConfig.{field}={_short(getattr(self, field))} is not one of {DTYPES}."
+                    f"LlamaConfig.{field}={brief(getattr(self, field))} is not one of {DTYPES}."
                 )
         if self.dim % self.n_heads:
             raise LlamaError(
@@ -259,7 +210,7 @@ class LlamaConfig:
           LlamaError: not a dict, an unknown field, or a field of the wrong type or range.
         """
         if not isinstance(data, dict):
-            raise LlamaError(f"a LlamaConfig must be a JSON object, got {_short(data)}.")
+            raise LlamaError(f"a LlamaConfig must be a JSON object, got {brief(data)}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(map(str, set(data) - known))
         if unknown:
@@ -267,18 +218,6 @@ class LlamaConfig:
                 f"Unknown LlamaConfig field(s) {unknown}; known fields: {sorted(known)}."
             )
         return cls(**data)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: 2 per weight multiply-add, plus attention scores.
-
-        Training costs about three times this (forward + two backward matmuls).
-        """
-        D, F, H, N, K = self.dim, self.ffn_hidden_dim, self.head_dim, self.n_heads, self.kv_heads
-        per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
-        # The embedding lookup is a gather (no FLOPs); the output projection always runs.
-        matmul_params = self.n_layers * per_layer + D * self.vocab_size
-        attention = 2 * 2 * self.n_layers * seq_len * self.n_heads * self.head_dim
-        return 2 * matmul_params + attention
 
 
 def _llama1(name: str, dim: int, n_layers: int, n_heads: int) -> LlamaConfig:

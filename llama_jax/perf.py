@@ -55,4 +55,17 @@ def model_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
 
     Recomputation from rematerialisation is not counted: MFU measures useful work.
     """
-    return 3 * cfg.flops_per_token(seq_len)
+    return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def forward_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Forward FLOPs per token: 2 per weight multiply-add, plus attention scores.
+
+    Training costs about three times this (forward + two backward matmuls).
+    """
+    D, F, H, N, K = cfg.dim, cfg.ffn_hidden_dim, cfg.head_dim, cfg.n_heads, cfg.kv_heads
+    per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+    # The embedding lookup is a gather (no FLOPs); the output projection always runs.
+    matmul_params = cfg.n_layers * per_layer + D * cfg.vocab_size
+    attention = 2 * 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    return 2 * matmul_params + attention

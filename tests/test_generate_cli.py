@@ -114,7 +114,7 @@ def test_missing_checkpoint_or_tokenizer(checkpoint, capsys, tmp_path):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert main(["chat", "--checkpoint", str(tmp_path)]) == 2
-    assert "holds no tokenizer.model" in capsys.readouterr().err
+    assert "holds no tokenizer (tokenizer.model, tokenizer.json" in capsys.readouterr().err
     (tmp_path / "bad.model").write_bytes(b"\x00\x01garbage")
     path = str(checkpoint[0])
     argv = [

@@ -103,3 +103,45 @@ def test_left_padded_batch_matches_transformers_on_real_tokens():
     assert np.all(np.isfinite(np.asarray(got)))
     for row in range(3):
         assert rel_err(got[row, pad[row] :], want[row, pad[row] :]) < 1e-5
+
+
+def test_cached_prefill_and_decode_match_transformers():
+    # A left-padded prefill into the KV cache, then one token per step: every step's
+    # logits equal transformers' full forward over the whole sequence at that position.
+    cfg = CONFIGS["gqa"]
+    hf = make_hf_model(cfg, seed=3)
+    model = ours_from_hf(hf, cfg)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, 20))
+    pad = np.array([0, 6])
+    mask = np.arange(20)[None, :] >= pad[:, None]
+    positions = np.maximum(np.arange(20)[None, :] - pad[:, None], 0)
+    want = hf_logits(hf, tokens, attention_mask=mask, positions=positions)
+
+    P = 12  # prompt slots; the remaining 8 tokens are decoded one at a time
+    cache = model.init_cache(2, 32)
+    logits, cache = model(
+        jnp.asarray(tokens[:, :P], jnp.int32),
+        jnp.asarray(positions[:, :P]),
+        jnp.asarray(mask[:, :P]),
+        cache,
+    )
+    assert int(cache.index) == P and len(cache.k) == cfg.n_layers
+    assert cache.k[0].shape == (2, cfg.kv_heads, 32, cfg.head_dim)  # [B, K, S, H]
+    got = [np.asarray(logits)]
+    step = jax.jit(lambda m, t, p, c: m(t, p, None, c))
+    for t in range(P, 20):
+        token = jnp.asarray(tokens[:, t : t + 1], jnp.int32)
+        logits, cache = step(model, token, jnp.asarray(positions[:, t : t + 1]), cache)
+        got.append(np.asarray(logits))
+    got = np.concatenate(got, axis=1)
+    for row in range(2):
+        assert rel_err(got[row, pad[row] :], want[row, pad[row] :]) < 1e-5
+    assert int(cache.index) == 20 and bool(cache.valid[1, :6].any()) is False
+
+
+def test_unknown_attention_kernel_or_remat_is_refused():
+    with pytest.raises(lj.LlamaError, match="attention='flash' is not one of"):
+        lj.Transformer(CONFIGS["mha"], rngs=__import__("flax").nnx.Rngs(0), attention="flash")
+    with pytest.raises(lj.LlamaError, match="remat='some' is not one of"):
+        lj.build_model(CONFIGS["mha"], remat="some")

@@ -186,12 +186,6 @@ def test_generate_command_names_paris(ckpt, capsys):
     assert out.startswith("The capital of France is") and "Paris" in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="generate.load_for_generation still demands tokenizer.model in --checkpoint; it "
-    "should ask tokenizer.find_tokenizer_file (tokenizer.json too). Remove this mark then.",
-)
 def test_generate_command_finds_tokenizer_json_by_itself(ckpt, capsys):
     out = run_cli(
         [

@@ -362,3 +362,35 @@ def nnx_params(model):
     from flax import nnx
 
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "emptied", "truncated"])
+def test_resume_falls_back_to_the_newest_intact_step(tmp_path, damage):
+    # A damaged newest step (killed mid-write, a full disk, deleted files) is set aside,
+    # untouched, and the run resumes from the step before it, saying so.
+    small_run(tmp_path, steps=3, keep=3)
+    newest = tmp_path / "checkpoints" / "3"
+    files = [p for p in newest.rglob("*") if p.is_file()]
+    assert files
+    for f in files:
+        if damage == "zeroed":
+            f.write_bytes(bytes(f.stat().st_size))
+        elif damage == "emptied":
+            f.unlink()
+        else:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    before = tree_digest(newest)
+    said = []
+    tc = training.TrainConfig(
+        steps=4, batch_size=2, seq_len=16, save_every=1, log_every=1, eval_batches=1, keep=3
+    )
+    ds = data.pack_documents(stdlib_docs()[:3], TOK, tc.seq_len)
+    result = training.train(CFG, tc, ds, tmp_path, progress=False, log=said.append)
+    assert (result.start_step, result.step) == (2, 4)
+    warning = next(m for m in said if m.startswith("warning: checkpoint step 3"))
+    assert "moved it to" in warning and "previous step" in warning
+    assert tree_digest(tmp_path / "damaged" / "3") == before  # kept as it was
+    assert (
+        sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1]
+        == 4
+    )

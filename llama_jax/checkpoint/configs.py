@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, _short
-from llama_jax.errors import LlamaError
+from llama_jax.config import PRESETS, LlamaConfig, RopeScaling
+from llama_jax.errors import LlamaError, brief
 
 _META_FIELDS = frozenset(
     "dim n_layers n_heads n_kv_heads vocab_size multiple_of ffn_dim_multiplier norm_eps "
@@ -79,7 +79,7 @@ def config_from_meta(
       LlamaError: not a JSON object, an unknown or missing field, or a bad value.
     """
     if not isinstance(params, dict):
-        raise LlamaError(f"params.json must be a JSON object, got {_short(params)}.")
+        raise LlamaError(f"params.json must be a JSON object, got {brief(params)}.")
     unknown = sorted(map(str, set(params) - _META_FIELDS))
     if unknown:
         raise LlamaError(
@@ -93,7 +93,7 @@ def config_from_meta(
     scaled = params.get("use_scaled_rope", False)
     if not isinstance(scaled, bool):
         raise LlamaError(
-            f"params.json: use_scaled_rope must be true or false, got {_short(scaled)}."
+            f"params.json: use_scaled_rope must be true or false, got {brief(scaled)}."
         )
     vocab = params.get("vocab_size", -1)
     kw: dict[str, Any] = dict(
@@ -188,7 +188,7 @@ def _rope_dict(value: Any, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise LlamaError(f"config.json: {where} must be an object or null, got {_short(value)}.")
+        raise LlamaError(f"config.json: {where} must be an object or null, got {brief(value)}.")
     return value
 
 
@@ -207,7 +207,7 @@ def config_from_hf(config: Any, **overrides: Any) -> LlamaConfig:
       LlamaError: another architecture, a missing field or a bad value.
     """
     if not isinstance(config, dict):
-        raise LlamaError(f"config.json must be a JSON object, got {_short(config)}.")
+        raise LlamaError(f"config.json must be a JSON object, got {brief(config)}.")
     c = config
     archs = c.get("architectures") or ["LlamaForCausalLM"]
     if (
@@ -216,8 +216,8 @@ def config_from_hf(config: Any, **overrides: Any) -> LlamaConfig:
         or ("LlamaForCausalLM" not in archs)
     ):
         raise LlamaError(
-            f"config.json describes model_type={_short(c.get('model_type'))}, "
-            f"architectures={_short(archs)}; only LlamaForCausalLM (model_type 'llama') is "
+            f"config.json describes model_type={brief(c.get('model_type'))}, "
+            f"architectures={brief(archs)}; only LlamaForCausalLM (model_type 'llama') is "
             "supported."
         )
     for field in (
@@ -237,7 +237,7 @@ def config_from_hf(config: Any, **overrides: Any) -> LlamaConfig:
     if rope_type not in ("default", None):
         if rope_type != "llama3":
             raise LlamaError(
-                f"config.json asks for rope_type={_short(rope_type)}; LLaMA checkpoints use "
+                f"config.json asks for rope_type={brief(rope_type)}; LLaMA checkpoints use "
                 "'llama3' scaling or 'default'."
             )
         names = {
@@ -258,8 +258,8 @@ def config_from_hf(config: Any, **overrides: Any) -> LlamaConfig:
         and (dim % n_heads or head_dim != dim // n_heads)
     ):
         raise LlamaError(
-            f"config.json has head_dim={_short(head_dim)} with hidden_size={_short(dim)} and "
-            f"num_attention_heads={_short(n_heads)}; LLaMA needs head_dim = hidden_size / heads."
+            f"config.json has head_dim={brief(head_dim)} with hidden_size={brief(dim)} and "
+            f"num_attention_heads={brief(n_heads)}; LLaMA needs head_dim = hidden_size / heads."
         )
     tie = c.get("tie_word_embeddings", False)
     kw: dict[str, Any] = dict(

@@ -9,7 +9,6 @@ the size of one block (a few times the largest tensor) whatever the model's size
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -19,9 +18,8 @@ from llama_jax.checkpoint import layout, store
 from llama_jax.checkpoint.mapped import release_freed_memory
 from llama_jax.checkpoint.sources import detect
 from llama_jax.checkpoint.tokenizer_files import copy_tokenizer_files
+from llama_jax.config import DTYPES
 from llama_jax.errors import LlamaError
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def human_bytes(n: float) -> str:
@@ -77,8 +75,8 @@ def convert(
     t0 = time.perf_counter()
     src = os.path.expanduser(os.fspath(src))
     dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
-    if dtype is not None and dtype not in _DTYPES:
-        raise LlamaError(f"--dtype {dtype!r}: expected one of {_DTYPES}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise LlamaError(f"--dtype {dtype!r}: expected one of {DTYPES}.")
     store.check_destination(dst, force, protect=(src,))
     reader = detect(
         src,
@@ -179,46 +177,3 @@ def _settle_output(reader, forced: bool | None) -> None:
         "output.weight differs from tok_embeddings.weight, so the output layer is kept "
         "(untied) although the config ties it."
     )
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="Meta (params.json + consolidated.*.pth) or HF model directory")
-    p.add_argument("dst", help="llama-jax checkpoint directory to create")
-    p.add_argument("--from", dest="source", choices=("meta", "hf"), help="force the layout")
-    p.add_argument("--dtype", choices=_DTYPES, help="cast the weights (default: keep)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
-    p.add_argument(
-        "--rope-scaling-factor",
-        type=float,
-        metavar="F",
-        help="Llama 3.1-style rope scaling factor (params.json cannot say it; "
-        "default: the release's for an official shape, else 8 as Meta's code)",
-    )
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        metavar="N",
-        help="context length to record (default: the release's, else 4096, or "
-        "131072 with scaled rope)",
-    )
-    p.add_argument(
-        "--tie-word-embeddings",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="tie the output layer to the embedding (default: the "
-        "release's; a custom model is tied only without output.weight)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    convert(
-        args.src,
-        args.dst,
-        source=args.source,
-        dtype=args.dtype,
-        force=args.force,
-        rope_scaling_factor=args.rope_scaling_factor,
-        max_seq_len=args.max_seq_len,
-        tie_word_embeddings=args.tie_word_embeddings,
-    )
-    return 0

@@ -9,7 +9,6 @@ so host memory stays near one block.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -164,15 +163,3 @@ def _write_hf(tmp: str, cfg, tensors, max_shard_bytes: int) -> None:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="llama-jax checkpoint directory")
-    p.add_argument("out", help="directory to create")
-    p.add_argument("--to", choices=("hf", "meta"), default="hf", help="output layout")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-
-
-def run(args: argparse.Namespace) -> int:
-    export(args.ckpt, args.out, to=args.to, force=args.force)
-    return 0

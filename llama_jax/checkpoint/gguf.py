@@ -256,7 +256,7 @@ class GGUFSource(Source):
         can_read = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
         expected = {meta_to_gguf_name(n): n for n in self.names()}
         for name in self.tensors:
-            if name not in expected and name != "rope_freqs.weight":
+            if name not in expected and name not in ("rope_freqs.weight", "output.weight"):
                 raise LlamaError(
                     f"{self.src}: tensor {name!r} is not part of a LLaMA model; is this a "
                     "different architecture?"
@@ -278,6 +278,10 @@ class GGUFSource(Source):
                     f"{self.src}: tensor {gguf_name!r} is stored as {t.tensor_type.name}, which "
                     "the gguf package cannot dequantize; requantize the model with llama.cpp."
                 )
+
+    @property
+    def has_output(self) -> bool:
+        return "output.weight" in self.tensors
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         from gguf.quants import dequantize

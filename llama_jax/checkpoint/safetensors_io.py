@@ -22,7 +22,7 @@ import numpy as np
 
 from llama_jax.checkpoint.jsonio import loads
 from llama_jax.checkpoint.mapped import MappedTensor, copy_into
-from llama_jax.errors import LlamaError
+from llama_jax.errors import LlamaError, brief
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -104,7 +104,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, SafeTensor]:
         if begin != expected:
             what = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
             raise LlamaError(
-                f"{path}: tensor {_short(name)} starts at byte {begin} of the data, which "
+                f"{path}: tensor {brief(name)} starts at byte {begin} of the data, which "
                 f"{what} (expected {expected}); the file is corrupt or crafted."
             )
         expected = end
@@ -116,10 +116,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, SafeTensor]:
     return out
 
 
-def _short(name) -> str:
-    return repr(name if len(name) <= 80 else name[:80] + "...")
-
-
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
@@ -129,7 +125,7 @@ def _entry(path: str, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, 
 
     def bad(why: str) -> LlamaError:
         return LlamaError(
-            f"{path}: corrupt safetensors header entry for tensor {_short(name)}: {why}; the "
+            f"{path}: corrupt safetensors header entry for tensor {brief(name)}: {why}; the "
             "file is corrupt or not safetensors."
         )
 

@@ -34,7 +34,6 @@ import io
 import math
 import os
 import pickle
-import reprlib
 import struct
 import zipfile
 from collections.abc import Iterable
@@ -44,7 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from llama_jax.checkpoint.mapped import MappedTensor, copy_into
-from llama_jax.errors import LlamaError
+from llama_jax.errors import LlamaError, brief
 
 # torch storage class names -> numpy dtypes (bfloat16 through ml_dtypes, bit-exact).
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -162,13 +161,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise LlamaError(f"{self._path}: unexpected persistent id {_short(pid)} in data.pkl.")
+            raise LlamaError(f"{self._path}: unexpected persistent id {brief(pid)} in data.pkl.")
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise LlamaError(f"{self._path}: storage type {_short(storage_type)} is not supported.")
+            raise LlamaError(f"{self._path}: storage type {brief(storage_type)} is not supported.")
         if not isinstance(key, str) or not isinstance(location, str) or not _is_count(numel):
             raise LlamaError(
-                f"{self._path}: malformed storage record {_short(pid)} in data.pkl (expected a "
+                f"{self._path}: malformed storage record {brief(pid)} in data.pkl (expected a "
                 "key, a location and a non-negative element count)."
             )
         dtype = STORAGE_DTYPES[storage_type.name]
@@ -183,20 +182,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         stride_ok = isinstance(stride, tuple) and len(stride) == len(size) if shape_ok else False
         if not (_is_count(offset) and shape_ok and stride_ok and all(map(_is_count, stride))):
             raise LlamaError(
-                f"{self._path}: a tensor on storage {storage.key!r} has offset {_short(offset)}, "
-                f"size {_short(size)}, stride {_short(stride)}; each must be non-negative "
+                f"{self._path}: a tensor on storage {storage.key!r} has offset {brief(offset)}, "
+                f"size {brief(size)}, stride {brief(stride)}; each must be non-negative "
                 "integers (as torch.save writes), with one stride per dimension."
             )
         return self._make_tensor(storage, offset, size, stride)
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-
-
-def _short(value) -> str:
-    """A bounded repr for messages: a crafted pickle may hold huge objects."""
-    return _REPR.repr(value)
 
 
 def _local_data_offset(f, info: zipfile.ZipInfo) -> int:
@@ -269,7 +259,7 @@ def _read_pth(path: str) -> dict[str, LazyTensor]:
     with zf:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if len(pkl) != 1:
-            raise LlamaError(f"{path}: expected one data.pkl in the archive, found {_short(pkl)}.")
+            raise LlamaError(f"{path}: expected one data.pkl in the archive, found {brief(pkl)}.")
         prefix = pkl[0][: -len("data.pkl")]
         if zf.getinfo(pkl[0]).file_size > MAX_PICKLE_BYTES:
             raise _too_big(path)
@@ -311,7 +301,7 @@ def _read_pth(path: str) -> dict[str, LazyTensor]:
                 span = 1 + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
                 if numel and (numel > storage.numel or offset + span > storage.numel):
                     raise LlamaError(
-                        f"{path}: a tensor of shape {_short(shape)}, stride {_short(stride)} at "
+                        f"{path}: a tensor of shape {brief(shape)}, stride {brief(stride)} at "
                         f"offset {offset} reaches past the {storage.numel} elements of storage "
                         f"{member}; the file is corrupt or crafted."
                     )
@@ -326,7 +316,7 @@ def _read_pth(path: str) -> dict[str, LazyTensor]:
     for name, value in obj.items():
         if isinstance(value, LazyTensor):
             if not isinstance(name, str):
-                raise LlamaError(f"{path}: a tensor is named {_short(name)}, not a string.")
+                raise LlamaError(f"{path}: a tensor is named {brief(name)}, not a string.")
             out[name] = value
     return out
 

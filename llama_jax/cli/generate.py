@@ -20,7 +20,8 @@ def add_sampling_arguments(p, max_new_tokens: int) -> None:
     p.add_argument(
         "--tokenizer",
         metavar="FILE",
-        help="tokenizer.model to use (default: the one in the checkpoint)",
+        help="tokenizer.model, tokenizer.json or a directory holding one (default: the "
+        "checkpoint's own)",
     )
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument(
@@ -50,15 +51,14 @@ def load_for_generation(args):
 
     import llama_jax
     from llama_jax.sharding import describe_mesh, make_mesh, print0
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.tokenizer import Tokenizer, find_tokenizer_file
 
     if not os.path.isdir(args.checkpoint):
         raise LlamaError(f"--checkpoint {args.checkpoint}: no such directory.")
-    if args.tokenizer is None and not os.path.isfile(
-        os.path.join(args.checkpoint, "tokenizer.model")
-    ):
+    if args.tokenizer is None and find_tokenizer_file(args.checkpoint) is None:
         raise LlamaError(
-            f"--checkpoint {args.checkpoint} holds no tokenizer.model; pass --tokenizer FILE."
+            f"--checkpoint {args.checkpoint} holds no tokenizer (tokenizer.model, "
+            "tokenizer.json or original/tokenizer.model); pass --tokenizer FILE."
         )
     tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # check flags early
@@ -68,7 +68,7 @@ def load_for_generation(args):
         raise LlamaError(
             f"The tokenizer ({getattr(tokenizer, 'source', '?')}) has {tokenizer.vocab_size} ids "
             f"but the model only {model.cfg.vocab_size}: they do not belong together. Pass the "
-            "tokenizer.model that came with the weights (--tokenizer)."
+            "tokenizer that came with the weights (--tokenizer)."
         )
     print0(f"{model.cfg.name or 'model'}: {tokenizer.kind} tokenizer, {describe_mesh(mesh)}",
            file=__import__("sys").stderr)  # fmt: skip

@@ -1,9 +1,9 @@
 """Training: the loss and the sharded step, the loop, run checkpoints, data.
 
-    step          TrainConfig, AdamW, loss, train_step, Trainer (jitted and sharded)
-    loop          train(): evaluate, log, checkpoint, resume
-    checkpoints   the Orbax CheckpointManager of a run
-    data          text/JSONL -> packed or prompt-masked rows, batches by (seed, step)
+step          TrainConfig, AdamW, loss, train_step, Trainer (jitted and sharded)
+loop          train(): evaluate, log, checkpoint, resume
+checkpoints   the Orbax CheckpointManager of a run
+data          text/JSONL -> packed or prompt-masked rows, batches by (seed, step)
 """
 
 from llama_jax.training.checkpoints import checkpoint_manager, read_checkpoint_meta

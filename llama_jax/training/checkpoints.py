@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
+import jax
+
+from llama_jax.errors import LlamaError
 from llama_jax.training.step import TrainConfig, Trainer
 
 
@@ -62,3 +67,54 @@ def meta_args():
     import orbax.checkpoint as ocp
 
     return ocp.args.Composite(meta=ocp.args.JsonRestore())
+
+
+def restore_newest_intact(manager, trainer: Trainer, check: Callable[[dict], None], say):
+    """Restore the newest step that reads back whole; set damaged newer steps aside.
+
+    A run killed mid-save, a full disk or a deleted file can leave the newest step
+    unreadable. Each damaged step is moved, untouched, to `damaged/<step>` beside the
+    checkpoints directory (so the manager's later saves do not collide with it) and the
+    next older step is tried. With several processes the damaged step is skipped but
+    left in place (no process may move files the others are reading).
+
+    Args:
+      manager: the run's CheckpointManager.
+      trainer: gives the restore target (shapes, dtypes, shardings).
+      check: called with a step's metadata before its arrays are read; raises a
+        LlamaError when the step belongs to another run (that is not damage).
+      say: where the warnings go.
+    Returns:
+      (step, params, opt_state), or None when the manager holds no step.
+    Raises:
+      LlamaError: steps exist but none can be read.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    directory = Path(manager.directory)
+    for step in steps:
+        try:
+            check(manager.restore(step, args=meta_args())["meta"])
+            params, opt_state, _ = restore_step(manager, step, trainer)
+            return step, params, opt_state
+        except LlamaError:
+            raise
+        except Exception as e:  # a damaged step can fail in any of Orbax's layers
+            where = "left it in place"
+            if jax.process_count() == 1:
+                aside = directory.parent / "damaged" / str(step)
+                aside.parent.mkdir(exist_ok=True)
+                if aside.exists():
+                    aside = aside.with_name(f"{step}-{os.getpid()}")
+                os.replace(directory / str(step), aside)
+                manager.reload()
+                where = f"moved it to {aside}"
+            say(
+                f"warning: checkpoint step {step} in {directory} cannot be read "
+                f"({type(e).__name__}: {str(e)[:200]}); {where} and trying the previous step."
+            )
+    if steps:
+        raise LlamaError(
+            f"No checkpoint step in {directory} can be read (tried {steps}; see the warnings "
+            "above for where they are now). Start a new run with another --out."
+        )
+    return None

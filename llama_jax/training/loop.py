@@ -14,7 +14,7 @@ import jax
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
 from llama_jax.perf import model_flops_per_token, peak_flops
-from llama_jax.training.checkpoints import checkpoint_manager, meta_args, restore_step, save_step
+from llama_jax.training.checkpoints import checkpoint_manager, restore_newest_intact, save_step
 from llama_jax.training.data import TokenDataset
 from llama_jax.training.step import TrainConfig, Trainer
 
@@ -139,15 +139,13 @@ def train(
     }
 
     manager = checkpoint_manager(out_dir / "checkpoints", tc)
-    latest = manager.latest_step()
     if trainer.lora:
         trainer.set_base(init_params)
         init_params = None  # the base is set; init_params gives fresh adapters
-    if latest is not None:
-        saved = manager.restore(latest, args=meta_args())["meta"]
-        _check_resume(saved, cfg, tc, data_fp, out_dir / "checkpoints")
-        params, opt_state, _ = restore_step(manager, latest, trainer)
-        start = latest
+    check = lambda saved: _check_resume(saved, cfg, tc, data_fp, out_dir / "checkpoints")
+    resumed = restore_newest_intact(manager, trainer, check, log)
+    if resumed is not None:
+        start, params, opt_state = resumed
         say(f"resumed from step {start} ({out_dir / 'checkpoints'})")
     else:
         params = trainer.init_params(params=init_params)
