@@ -94,7 +94,14 @@ def has_image(cell) -> bool:
 
 
 # One notebook per topic of the teaching set.
-TOPICS = ["01_architecture", "02_weights", "03_sharding", "04_generation", "05_finetuning"]
+TOPICS = [
+    "01_architecture",
+    "02_weights",
+    "03_sharding",
+    "04_generation",
+    "05_finetuning",
+    "06_lora",
+]
 
 
 def test_notebooks_exist():
