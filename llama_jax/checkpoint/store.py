@@ -514,6 +514,7 @@ def load(
     *,
     remat: str = "none",
     attention: str = "xla",
+    quantize: str | None = None,
 ):
     """A ready `Transformer` from a llama-jax checkpoint, each array on its final sharding.
 
@@ -530,37 +531,64 @@ def load(
         dtype and the compute dtype; None keeps the recorded config.
       remat: rematerialisation policy of the returned model (see model.REMAT_POLICIES).
       attention: the attention kernel (see model.Transformer).
+      quantize: "int8" to quantize the projection weights as each block is read
+        (`llama_jax.inference.int8`: host and device memory stay near the int8 model
+        plus one float block); None keeps them in the parameter dtype.
     Returns:
       The model.
     """
+    from llama_jax.inference import int8
     from llama_jax.model import Transformer
     from llama_jax.sharding import make_mesh, param_shardings
 
+    if quantize is not None:
+        int8.check_method(quantize)
     mesh = make_mesh(mesh)
     path = _abs(path)
     cfg = load_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     create = lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention)
+
+    def targets_of(state):
+        shapes = nnx.to_pure_dict(state)
+        if mesh is None:
+            one = SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: one, shapes)
+        else:
+            shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+        return jax.tree.map(lambda s, sh: (s.shape, s.dtype, sh), shapes, shardings)
+
+    # What is read from disk: the float parameters. What the model holds: the same, or,
+    # quantized, int8 values and scales in place of the projections (read as floats
+    # one block at a time, then quantized onto their final shardings).
     graphdef, state, rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
-    shapes = nnx.to_pure_dict(state)
-    if mesh is None:
-        one = SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: one, shapes)
-    else:
-        shardings = nnx.to_pure_dict(param_shardings(state, mesh))
-    targets = jax.tree.map(lambda s, sh: (s.shape, s.dtype, sh), shapes, shardings)
+    targets = read = targets_of(state)
+    if quantize is not None:
+        quantized = lambda: int8.quantize(create(), quantize)
+        graphdef, state, rest = nnx.split(nnx.eval_shape(quantized), nnx.Param, ...)
+        targets = targets_of(state)
+    is_target = lambda x: isinstance(x, tuple)
+    placement = lambda tree: jax.tree.map(lambda t: t[2], tree, is_leaf=is_target)
 
     values: dict = {}
     for name in TOP:
         if name == ("output",) and cfg.tie_word_embeddings:
             continue
-        tree = {name[0]: targets[name[0]]}
+        tree = {name[0]: read[name[0]]}
         if len(name) == 2:
-            tree = {name[0]: {name[1]: targets[name[0]][name[1]]}}
-        values.update(read_group(path, top_dir(name), tree))
-    values["layers"] = {
-        i: read_group(path, layer_dir(i), targets["layers"][i]) for i in range(cfg.n_layers)
-    }
+            tree = {name[0]: {name[1]: read[name[0]][name[1]]}}
+        group = read_group(path, top_dir(name), tree)
+        if quantize is not None and name == ("output",):
+            out = placement(targets["output"])
+            q, scale = int8.quantize_array(group["output"], name, (out["values"], out["scale"]))
+            group = {"output": {"values": q, "scale": scale}}
+        values.update(group)
+    values["layers"] = {}
+    for i in range(cfg.n_layers):
+        block = read_group(path, layer_dir(i), read["layers"][i])
+        if quantize is not None:
+            block = int8.quantize_block(block, placement(targets["layers"][i]))
+        values["layers"][i] = block
     nnx.replace_by_pure_dict(state, values)
     return nnx.merge(graphdef, state, rest)

@@ -39,6 +39,13 @@ def add_sampling_arguments(p, max_new_tokens: int) -> None:
         default=None,
         help="compute and parameter dtype (default: as stored)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: projection weights in int8 with per-channel scales, quantized while "
+        "loading (a quarter of float32's memory; see docs/performance.md for the quality)",
+    )
     p.add_argument("--cache-len", type=int, default=None,
                    help="KV cache slots (default: enough for prompt and answer, at most the "
                    "model's context)")  # fmt: skip
@@ -63,7 +70,7 @@ def load_for_generation(args):
     tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # check flags early
     mesh = make_mesh(args.mesh)
-    model = llama_jax.load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    model = llama_jax.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LlamaError(
             f"The tokenizer ({getattr(tokenizer, 'source', '?')}) has {tokenizer.vocab_size} ids "

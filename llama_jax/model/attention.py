@@ -21,7 +21,7 @@ from llama_jax.sharding.rules import constrain
 
 # How `attend` may compute attention: "xla" is the reference einsum below, on every
 # backend; the others are fused kernels from llama_jax.kernels (opt-in, by device kind).
-KERNELS = ("xla", "cudnn")
+KERNELS = ("xla", "cudnn", "splash")
 
 
 def attend(

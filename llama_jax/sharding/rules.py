@@ -80,6 +80,23 @@ for _path, _axes in list(PARAM_AXES.items()):
         PARAM_AXES[(*_path, "lora_b")] = ("lora_rank", *_axes[_n:])
 del _path, _axes, _n
 
+# The output channels of the matrices int8 quantization replaces (llama_jax.inference.int8),
+# as they come out of each einsum: wq "BTD,DNH->BTNH" -> heads, head_dim; wo -> embed; ...
+# The int8 values keep the weight's axes; the per-channel scales have these.
+QUANTIZED_OUTPUT_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("layers", "attention", "wq"): ("heads", "head_dim"),
+    ("layers", "attention", "wk"): ("kv_heads", "head_dim"),
+    ("layers", "attention", "wv"): ("kv_heads", "head_dim"),
+    ("layers", "attention", "wo"): ("embed",),
+    ("layers", "feed_forward", "w1"): ("mlp",),
+    ("layers", "feed_forward", "w3"): ("mlp",),
+    ("layers", "feed_forward", "w2"): ("embed",),
+    ("output",): ("vocab",),
+}
+for _path, _out in QUANTIZED_OUTPUT_AXES.items():
+    PARAM_AXES[(*_path, "values")] = PARAM_AXES[_path]
+    PARAM_AXES[(*_path, "scale")] = _out
+
 # Parameter axes that must divide over their mesh axis (the config field that sets them);
 # a mesh that cannot split them is refused rather than silently left replicated.
 MUST_SPLIT = {"heads": "n_heads", "mlp": "ffn_hidden_dim", "embed": "dim"}

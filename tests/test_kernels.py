@@ -1,0 +1,101 @@
+"""The opt-in attention kernels (llama_jax.kernels) against the reference `attend`.
+
+The cuDNN kernel needs an NVIDIA GPU; its layout handling is tested on the CPU by sending
+the same arrays through `jax.nn.dot_product_attention`'s XLA implementation (jax's code,
+not ours). The TPU splash kernel runs here in Pallas interpret mode: the real kernel
+body, interpreted on the CPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from llama_jax import kernels
+from llama_jax.model.attention import attend
+
+
+def qkv(B, T, S, N, K, H, seed=0, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (B, T, N, H), dtype)
+    k = jax.random.normal(kk, (B, K, S, H), dtype)
+    v = jax.random.normal(kv, (B, K, S, H), dtype)
+    return q, k, v
+
+
+def padded_causal(B, T, S, start, lengths):
+    """The mask Transformer builds: causal from slot `start`, left padding per row."""
+    key_valid = np.arange(S)[None, :] >= (start + T - np.asarray(lengths))[:, None]  # [B, S]
+    causal = np.arange(S)[None, :] <= start + np.arange(T)[:, None]  # [T, S]
+    return jnp.asarray(causal[None] & key_valid[:, None, :])  # [B, T, S]
+
+
+# --------------------------------------------------------------------------- cudnn layout
+
+
+@pytest.mark.parametrize("N, K", [(4, 4), (4, 2), (6, 1)])
+def test_cudnn_layout_through_jax_reference_matches_attend(N, K):
+    q, k, v = qkv(2, 9, 9, N, K, 16)
+    want = attend(q, k, v, None)
+    got = kernels.dot_product_attention(q, k, v, None, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Padded rows over a cache: query t sits in slot 3 + t of 16 (T != S).
+    q, k, v = qkv(2, 5, 16, N, K, 16, seed=1)
+    mask = padded_causal(2, 5, 16, start=3, lengths=[8, 5])
+    want = attend(q, k, v, mask)
+    got = kernels.dot_product_attention(q, k, v, mask, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_refuses_float32_and_unknown_kernels_are_refused():
+    q, k, v = qkv(1, 4, 4, 2, 1, 8)
+    with pytest.raises(lj.LlamaError, match="bfloat16"):
+        kernels.attention("cudnn", q, k, v, None)
+    with pytest.raises(lj.LlamaError, match="splash"):
+        kernels.attention("flash", q, k, v, None)
+    with pytest.raises(lj.LlamaError, match="splash"):
+        lj.Transformer(lj.PRESETS["tiny"], rngs=__import__("flax").nnx.Rngs(0), attention="x")
+
+
+# --------------------------------------------------------------------------- splash
+
+
+@pytest.mark.parametrize("T, N, K, H", [(128, 4, 2, 64), (20, 4, 4, 32), (140, 3, 1, 16)])
+def test_splash_in_interpret_mode_matches_attend(T, N, K, H):
+    # GQA, MHA and MQA; lengths below, at and above the 128-position block.
+    q, k, v = qkv(2, T, T, N, K, H, seed=T)
+    want = attend(q, k, v, None)
+    got = kernels.splash_attention(q, k, v, None, interpret=True)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_splash_bfloat16_and_gradients():
+    q, k, v = qkv(1, 64, 64, 4, 2, 32, seed=5)
+    got = kernels.splash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), attend(q, k, v, None), atol=5e-2)
+    # Training differentiates through the kernel (its own backward kernels).
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) ** 2)
+    want = jax.grad(loss(lambda *a: attend(*a, None)), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss(lambda *a: kernels.splash_attention(*a, None)), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_splash_with_a_mask_is_the_reference():
+    q, k, v = qkv(2, 5, 16, 4, 2, 16, seed=2)
+    mask = padded_causal(2, 5, 16, start=3, lengths=[8, 5])
+    got = kernels.attention("splash", q, k, v, mask)
+    np.testing.assert_array_equal(got, attend(q, k, v, mask))
+
+
+def test_model_with_splash_attention_matches_the_reference_model():
+    cfg = lj.PRESETS["tiny"]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
+    ref = lj.build_model(cfg, seed=1)
+    fused = lj.build_model(cfg, seed=1, attention="splash")
+    np.testing.assert_allclose(fused(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]  # padded prefill and decoding: the reference path
+    assert list(lj.generate(fused, prompts, 4)) == list(lj.generate(ref, prompts, 4))
