@@ -248,6 +248,31 @@ def test_bfloat16_base():
     assert merged.layers[0].feed_forward.w1[...].dtype == jnp.bfloat16
 
 
+def test_int8_base():
+    int8 = pytest.importorskip("llama_jax.inference.int8")
+    from llama_jax import sharding
+
+    model = int8.quantize(build_model(LCFG, seed=2))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, LCFG.vocab_size, (2, 9)))
+    quantized = model(tokens)
+    lora.apply_lora(model, ALL, rank=2)
+    assert isinstance(model.layers[0].attention.wq.base, int8.Int8Weight)
+    np.testing.assert_array_equal(model(tokens), quantized)
+    # Gradients reach the adapters through the int8 product; the int8 base is not an input.
+    graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
+    grads = jax.grad(lambda a: jnp.mean(nnx.merge(graphdef, a, rest)(tokens) ** 2))(adapters)
+    b_grads = [g for k, g in jax.tree_util.tree_leaves_with_path(grads) if "lora_b" in str(k)]
+    assert len(b_grads) == 7 and all(float(jnp.abs(g).max()) > 0 for g in b_grads)
+    randomize_adapters(model)
+    merged = lora.merge(model)  # the int8 weight dequantized, plus the update
+    assert merged.layers[0].attention.wq[...].dtype == jnp.float32
+    np.testing.assert_allclose(merged(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+    # The rules table places int8 values, scales and adapters on a mesh.
+    shard = sharding.param_shardings(nnx.state(model), make_mesh("fsdp"))
+    wq = shard["layers"][0]["attention"]["wq"]
+    assert wq["base"]["values"].spec[0] == "fsdp" and wq["lora_a"].spec[0] == "fsdp"
+
+
 # Resume after kill -9 -------------------------------------------------------------------
 
 WORKER = r"""

@@ -96,6 +96,9 @@ QUANTIZED_OUTPUT_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
 for _path, _out in QUANTIZED_OUTPUT_AXES.items():
     PARAM_AXES[(*_path, "values")] = PARAM_AXES[_path]
     PARAM_AXES[(*_path, "scale")] = _out
+    if (*_path, "base") in PARAM_AXES:  # an int8 weight under a LoRA adapter
+        PARAM_AXES[(*_path, "base", "values")] = PARAM_AXES[_path]
+        PARAM_AXES[(*_path, "base", "scale")] = _out
 
 # Parameter axes that must divide over their mesh axis (the config field that sets them);
 # a mesh that cannot split them is refused rather than silently left replicated.

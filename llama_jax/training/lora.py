@@ -290,8 +290,8 @@ def merge(model):
         base = mod.base
         if isinstance(base, nnx.Variable):
             w = base[...]
-        elif hasattr(base, "dequantize"):
-            w = base.dequantize()
+        elif hasattr(base, "dequantize"):  # an int8 weight: merged in the model's dtype
+            w = base.dequantize(model.cfg.param_dtype)
         else:
             raise LlamaError(
                 f"layers.{i}.{name}: the adapter's base {type(base).__name__} cannot be "
