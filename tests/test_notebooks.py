@@ -89,6 +89,7 @@ TOPICS = [
     "03_sharding",
     "04_generation",
     "05_finetuning",
+    "06_lora",
     "07_speculative",
 ]
 

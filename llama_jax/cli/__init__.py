@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llama_jax.cli.info", "describe a preset: shapes, parameters, memory; run a forward"),
     "convert": ("llama_jax.cli.convert", "Meta, Hugging Face or GGUF weights -> a checkpoint"),
     "export": ("llama_jax.cli.export", "a checkpoint -> Hugging Face or Meta weights"),
+    "export-lora": ("llama_jax.cli.export_lora", "a LoRA run -> a peft adapter, or merged weights"),
     "generate": ("llama_jax.cli.generate", "continue a prompt (streamed), greedy or sampled"),
     "chat": ("llama_jax.cli.chat", "an interactive chat with history in the model's chat format"),
     "train": ("llama_jax.cli.train", "train or fine-tune on text/JSONL, sharded, resumable"),

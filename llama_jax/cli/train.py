@@ -94,6 +94,35 @@ def add_arguments(p) -> None:
         choices=sorted(REMAT_POLICIES),
         help="rematerialisation policy of the layer scan",
     )
+    lora = p.add_argument_group("LoRA (train low-rank adapters on a frozen --init model)")
+    lora.add_argument(
+        "--lora-rank",
+        dest="lora_rank",
+        type=int,
+        default=d.lora_rank,
+        help="adapter rank r; 0 (default) trains every weight",
+    )
+    lora.add_argument(
+        "--lora-alpha",
+        dest="lora_alpha",
+        type=float,
+        default=d.lora_alpha,
+        help=f"the update is scaled by alpha / r (default {d.lora_alpha})",
+    )
+    lora.add_argument(
+        "--lora-targets",
+        dest="lora_targets",
+        default=",".join(d.lora_targets),
+        help="projections to adapt, any of wq,wk,wv,wo,w1,w2,w3 "
+        f"(default {','.join(d.lora_targets)})",
+    )
+    lora.add_argument(
+        "--lora-dropout",
+        dest="lora_dropout",
+        type=float,
+        default=d.lora_dropout,
+        help="dropout on the adapters' input (default 0)",
+    )
     add_mesh_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # fmt: skip
@@ -140,6 +169,8 @@ def run(args) -> int:
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     train_items, eval_items = read_data(args, tc.seed)
     init_params = None
+    if tc.lora_rank and not args.init:
+        raise LlamaError("--lora-rank trains adapters on a frozen model: give it with --init CKPT.")
     if args.init:
         cfg = checkpoint.load_config(args.init)
         tok_path = args.tokenizer or str(Path(args.init) / "tokenizer.model")
@@ -170,13 +201,48 @@ def run(args) -> int:
     mesh = make_mesh(args.mesh)
     print(f"{cfg.name}: {cfg.num_params():,} parameters; {describe_mesh(mesh)}; "
           f"{len(train_ds)} training rows of {tc.seq_len} tokens")  # fmt: skip
-    if args.init and read_checkpoint_meta(Path(args.out) / "checkpoints") is None:
+    extra_meta = None
+    if tc.lora_rank:
+        # The run's checkpoints hold the adapters only: the base is read again on resume
+        # (in its own dtype), and its path is recorded for `llama-jax export-lora`.
+        from llama_jax.training.lora import count_lora_params
+
+        model = checkpoint.load(args.init, mesh=mesh)
+        init_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        del model
+        extra_meta = {"lora_base": str(Path(args.init).expanduser().absolute())}
+        n = count_lora_params(cfg, tc.lora_targets, tc.lora_rank)
+        print(
+            f"LoRA: {n:,} trainable parameters (rank {tc.lora_rank} on "
+            f"{','.join(tc.lora_targets)}; {n / cfg.num_params():.3%} of the model)"
+        )
+    elif args.init and read_checkpoint_meta(Path(args.out) / "checkpoints") is None:
         model = checkpoint.load(args.init, mesh=mesh, dtype="float32")
         init_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    result = train(cfg, tc, train_ds, args.out, eval_ds, init_params=init_params, mesh=mesh,
-                   progress=not args.no_progress)  # fmt: skip
+    result = train(
+        cfg,
+        tc,
+        train_ds,
+        args.out,
+        eval_ds,
+        init_params=init_params,
+        mesh=mesh,
+        progress=not args.no_progress,
+        extra_meta=extra_meta,
+    )
     if result.preempted:
         return 143
+    if tc.lora_rank:
+        from llama_jax.training.lora import export_peft
+
+        adapter_dir = Path(args.out) / "adapter"
+        model = result.trainer.model(result.params)
+        export_peft(model, adapter_dir, base_model=extra_meta["lora_base"], force=True)
+        print(
+            f"adapter: {adapter_dir} (peft format); merged weights: "
+            f"llama-jax export-lora {args.out} MERGED --merge"
+        )
+        return 0
     model_dir = Path(args.out) / "model"
     model = result.trainer.model(result.params)
     checkpoint.save(model, model_dir, tokenizer=tok_path, force=True)

@@ -40,6 +40,7 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "lora_rank": None,  # a LoRA adapter's inner width: small, kept whole
     # activations
     "batch": ("data", "fsdp"),
     "length": None,
@@ -67,6 +68,17 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("norm", "weight"): ("embed",),
     ("output",): ("embed", "vocab"),
 }
+# A projection wrapped by a LoRA adapter (training/lora.py) keeps its weight under `base`
+# and adds A [inputs..., rank] and B [rank, outputs...]: A is split like the weight's
+# input axes, B like its output axes, the rank stays whole.
+_LORA_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1}
+for _path, _axes in list(PARAM_AXES.items()):
+    if _path[-1] in _LORA_INPUTS:
+        _n = _LORA_INPUTS[_path[-1]]
+        PARAM_AXES[(*_path, "base")] = _axes
+        PARAM_AXES[(*_path, "lora_a")] = (*_axes[:_n], "lora_rank")
+        PARAM_AXES[(*_path, "lora_b")] = ("lora_rank", *_axes[_n:])
+del _path, _axes, _n
 
 # The output channels of the matrices int8 quantization replaces (llama_jax.inference.int8),
 # as they come out of each einsum: wq "BTD,DNH->BTNH" -> heads, head_dim; wo -> embed; ...
@@ -84,6 +96,9 @@ QUANTIZED_OUTPUT_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
 for _path, _out in QUANTIZED_OUTPUT_AXES.items():
     PARAM_AXES[(*_path, "values")] = PARAM_AXES[_path]
     PARAM_AXES[(*_path, "scale")] = _out
+    if (*_path, "base") in PARAM_AXES:  # an int8 weight under a LoRA adapter
+        PARAM_AXES[(*_path, "base", "values")] = PARAM_AXES[_path]
+        PARAM_AXES[(*_path, "base", "scale")] = _out
 
 # Parameter axes that must divide over their mesh axis (the config field that sets them);
 # a mesh that cannot split them is refused rather than silently left replicated.

@@ -20,7 +20,7 @@ from llama_jax.training.step import TrainConfig, Trainer
 
 # Fields that fix the trajectory of a run: resuming with any of them changed would not
 # continue the same run.
-_RESUME_KEYS = ("batch_size", "seq_len", "seed", "micro_batches")
+_RESUME_KEYS = ("batch_size", "seq_len", "seed", "micro_batches", "lora_rank", "lora_targets")
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class TrainResult:
     """What `train` returns.
 
     Attributes:
-      params: the final parameters (float32, on the mesh).
+      params: the final parameters (float32, on the mesh; with LoRA the adapters).
       trainer: the Trainer (its `model(params)` gives an nnx model).
       start_step: the step the run started or resumed from.
       step: the last step completed.
@@ -57,10 +57,14 @@ def _check_resume(meta: dict, cfg: LlamaConfig, tc: TrainConfig, data_fp: str, w
             f"The checkpoint in {where} was trained with a different model config "
             f"(field: (saved, now) = {diff}); use the same config to resume, or a new --out."
         )
+    default = TrainConfig()
     for key in _RESUME_KEYS:
-        if meta["train_config"][key] != getattr(tc, key):
+        # Lists in JSON, tuples in the config; runs saved before a key existed had its default.
+        saved = meta["train_config"].get(key, getattr(default, key))
+        saved = tuple(saved) if isinstance(saved, list) else saved
+        if saved != getattr(tc, key):
             raise LlamaError(
-                f"The checkpoint in {where} was trained with {key}={meta['train_config'][key]}, "
+                f"The checkpoint in {where} was trained with {key}={saved}, "
                 f"this run asks for {getattr(tc, key)}; resume with the same value or use a "
                 "new --out."
             )
@@ -83,6 +87,7 @@ def train(
     on_step: Callable[[int, dict], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    extra_meta: dict | None = None,
 ) -> TrainResult:
     """Train (or resume training) and checkpoint to `out_dir`.
 
@@ -93,12 +98,16 @@ def train(
       out_dir: the run's directory: checkpoints/ (Orbax) and metrics.jsonl. If it holds a
         checkpoint, the run resumes from the latest one.
       eval_data: held-out rows, evaluated every tc.eval_every steps and at the end.
-      init_params: starting weights (fine-tuning) instead of random ones.
+      init_params: starting weights (fine-tuning) instead of random ones. With LoRA
+        (tc.lora_rank > 0) they are the frozen base, needed again when resuming, since
+        the run's checkpoints hold the adapters only; None: a random base.
       mesh: a Mesh with axes data/fsdp/tensor, or None for one device.
       on_step: called as on_step(step, metrics) after every logged step (every
         tc.log_every steps; metrics hold python floats); for notebooks and tests.
       progress: show a tqdm progress bar.
       log: where one-line messages go.
+      extra_meta: JSON-ready entries added to every checkpoint's metadata (the CLI
+        records the LoRA base checkpoint's path there).
     Returns:
       A TrainResult.
     Raises:
@@ -126,9 +135,13 @@ def train(
         "model_config": cfg.to_dict(),
         "train_config": tc.to_dict(),
         "data": {"seed": tc.seed, "fingerprint": data_fp, "rows": len(train_data)},
+        **(extra_meta or {}),
     }
 
     manager = checkpoint_manager(out_dir / "checkpoints", tc)
+    if trainer.lora:
+        trainer.set_base(init_params)
+        init_params = None  # the base is set; init_params gives fresh adapters
     check = lambda saved: _check_resume(saved, cfg, tc, data_fp, out_dir / "checkpoints")
     resumed = restore_newest_intact(manager, trainer, check, log)
     if resumed is not None:
@@ -190,7 +203,8 @@ def train(
                 step - 1, tc.batch_size, tc.seed, tc.micro_batches,
                 jax.process_index(), jax.process_count(),
             )  # fmt: skip
-            params, opt_state, m = trainer.step(params, opt_state, trainer.put_batch(host_batch))
+            batch = trainer.put_batch(host_batch)
+            params, opt_state, m = trainer.step(params, opt_state, batch, step)
             window_steps += 1
             if window_start is None:
                 # The first step includes compilation: time from its end on.

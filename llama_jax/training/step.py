@@ -46,6 +46,7 @@ from llama_jax import sharding
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.errors import LlamaError
 from llama_jax.model import REMAT_POLICIES, Transformer
+from llama_jax.training import lora
 from llama_jax.training.data import TokenDataset
 
 
@@ -73,6 +74,12 @@ class TrainConfig:
     save_every: int = 100  # steps between checkpoints; 0: only at the end
     keep: int = 3  # checkpoints kept
     log_every: int = 10  # steps between metric lines
+    # LoRA (training/lora.py): rank 0 trains every weight; rank r > 0 freezes the model and
+    # trains rank-r adapters on `lora_targets` only, scaled by lora_alpha / r.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("wq", "wv")
+    lora_dropout: float = 0.0  # on the adapters' input; the frozen base sees none
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "micro_batches", "seq_len", "eval_batches", "keep",
@@ -94,6 +101,9 @@ class TrainConfig:
             raise LlamaError(f"compute dtype {self.compute_dtype!r} is not one of {DTYPES}.")
         if self.remat not in REMAT_POLICIES:
             raise LlamaError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}.")
+        if self.lora_rank != 0:
+            lora.check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout)
+            object.__setattr__(self, "lora_targets", lora.check_targets(self.lora_targets))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -158,53 +168,87 @@ def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     return jnp.sum(losses * w), jnp.sum(w)
 
 
-def loss_and_grads(graphdef, params: dict, batch: dict[str, jax.Array]):
+def loss_and_grads(
+    graphdef, params: dict, batch: dict[str, jax.Array], frozen=None, dropout_key=None
+):
     """Mean loss and its gradient over M micro-batches, accumulated with a scan.
 
     Args:
       graphdef: the model's nnx GraphDef (structure, remat policy, dtypes).
-      params: the parameters as a nested dict of arrays.
+      params: the trained parameters as a nested dict of arrays.
       batch: "tokens", "targets", "weights" shaped [M, B / M, T].
+      frozen: with LoRA, the frozen base (the rest of the model's state): used in the
+        forward, never differentiated.
+      dropout_key: with LoRA dropout, this update's key (each micro-batch folds in its
+        index); None: no dropout.
     Returns:
-      (loss, grads): the weighted mean over all M micro-batches and its gradient.
+      (loss, grads): the weighted mean over all M micro-batches and its gradient with
+      respect to `params`.
     """
 
-    def sums(p, mb):
-        return loss_sums(nnx.merge(graphdef, p), mb)
+    def sums(p, mb, key):
+        model = nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
+        if key is not None:
+            lora.set_dropout_key(model, key)
+        return loss_sums(model, mb)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)
 
-    def body(acc, mb):
-        (loss_sum, weight_sum), grads = grad_fn(params, mb)
+    def body(acc, xs):
+        mb, i = xs
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+        (loss_sum, weight_sum), grads = grad_fn(params, mb, key)
         return jax.tree.map(jnp.add, acc, (loss_sum, weight_sum, grads)), None
 
     zero = jnp.zeros((), jnp.float32)
     init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, weight_sum, grads), _ = jax.lax.scan(body, init, batch)
+    M = jax.tree.leaves(batch)[0].shape[0]
+    (loss_sum, weight_sum, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(M)))
     weight_sum = jnp.maximum(weight_sum, 1.0)  # a batch of padding only gives 0, not NaN
     return loss_sum / weight_sum, jax.tree.map(lambda g: g / weight_sum, grads)
 
 
-def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, batch):
+def train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    params,
+    opt_state,
+    batch,
+    frozen=None,
+    dropout_key=None,
+):
     """One optimizer update; pure, so it can be jitted, sharded and donated.
+
+    With LoRA, `params` are the adapters and `frozen` the base (see `loss_and_grads`).
 
     Returns:
       (new params, new optimizer state, {"loss", "grad_norm"}); grad_norm is measured
       before clipping.
     """
-    loss, grads = loss_and_grads(graphdef, params, batch)
+    loss, grads = loss_and_grads(graphdef, params, batch, frozen, dropout_key)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
 def training_config(cfg: LlamaConfig, tc: TrainConfig) -> LlamaConfig:
-    """The model config as trained: float32 master weights, matmuls in tc.compute_dtype."""
+    """The model config as trained: float32 master weights, matmuls in tc.compute_dtype.
+
+    With LoRA the frozen base keeps `cfg.param_dtype` (bfloat16 halves its memory); the
+    adapters, the only weights updated, are float32.
+    """
+    if tc.lora_rank:
+        return cfg.replace(dtype=tc.compute_dtype)
     return cfg.replace(param_dtype="float32", dtype=tc.compute_dtype)
 
 
 class Trainer:
     """The jitted, sharded train and eval steps of one model config on one mesh.
+
+    Without LoRA the trained parameters are the whole model. With `tc.lora_rank > 0` they
+    are the adapters only (`lora.LoRAParam` leaves): the frozen base is held by the
+    trainer (`set_base`), passed to every step as a read-only input, and is neither
+    differentiated nor tracked by the optimizer; checkpoints then hold adapters only.
 
     Args:
       cfg: the model architecture (dtypes are replaced by `training_config`).
@@ -215,6 +259,7 @@ class Trainer:
     def __init__(self, cfg: LlamaConfig, tc: TrainConfig, mesh=None):
         self.cfg = training_config(cfg, tc)
         self.tc = tc
+        self.lora = tc.lora_rank > 0
         # The trainer owns its arrays from creation on, so it runs on Auto axes whatever
         # the mesh's types: with JAX's default Explicit axes the cross-entropy's gather
         # from vocab-split logits has no unambiguous output sharding.
@@ -222,37 +267,68 @@ class Trainer:
         self.mesh = mesh
         self.tx = make_optimizer(tc)
         self.schedule = learning_rate_schedule(tc)
-        abstract = nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0), remat=tc.remat))
-        self.graphdef, abstract_state = nnx.split(abstract)
-        self.abstract_params = nnx.to_pure_dict(abstract_state)
+        abstract = nnx.eval_shape(self._create)
+        if self.lora:
+            self.graphdef, adapters, base = nnx.split(abstract, lora.LoRAParam, ...)
+            self.abstract_params = nnx.to_pure_dict(adapters)
+            self.abstract_frozen = nnx.to_pure_dict(base)
+        else:
+            self.graphdef, abstract_state = nnx.split(abstract)
+            self.abstract_params = nnx.to_pure_dict(abstract_state)
+            self.abstract_frozen = None
+        self.frozen = None  # the LoRA base, once set_base has placed it
         self.abstract_opt_state = jax.eval_shape(self.tx.init, self.abstract_params)
         if mesh is None:
             self.param_shardings = self.opt_shardings = self.batch_sharding = None
-            self.eval_sharding = None
+            self.eval_sharding = self.frozen_shardings = None
             self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
             self._eval = jax.jit(self._eval_sums)
             return
         self._check_mesh(mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.param_shardings = sharding.param_shardings(self.abstract_params, mesh)
+        self.frozen_shardings = None
+        if self.lora:
+            self.frozen_shardings = sharding.param_shardings(self.abstract_frozen, mesh)
         self.opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, self.abstract_opt_state, self.param_shardings,
+            self.tx,
+            lambda _, s: s,
+            self.abstract_opt_state,
+            self.param_shardings,
             transform_non_params=lambda _: replicated,
-        )  # fmt: skip
+        )
         # Batches are [M micro-batches, rows, T]: rows split as the rules table says.
         self.batch_sharding = sharding.logical_sharding(mesh, (None, *sharding.BATCH_AXES))
         eval_sharding = sharding.logical_sharding(mesh, sharding.BATCH_AXES)
         self._step = jax.jit(
             self._train_step,
-            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding),
+            in_shardings=(
+                self.param_shardings,
+                self.opt_shardings,
+                self.batch_sharding,
+                self.frozen_shardings,
+                replicated,
+            ),
             out_shardings=(self.param_shardings, self.opt_shardings, replicated),
             donate_argnums=(0, 1),
         )
         self.eval_sharding = eval_sharding
         self._eval = jax.jit(
-            self._eval_sums, in_shardings=(self.param_shardings, eval_sharding),
+            self._eval_sums,
+            in_shardings=(self.param_shardings, eval_sharding, self.frozen_shardings),
             out_shardings=replicated,
-        )  # fmt: skip
+        )
+
+    def _create(self, seed: int | None = None) -> Transformer:
+        """The model as trained (adapted when LoRA is on); seed: its initial weights."""
+        tc = self.tc
+        seed = tc.seed if seed is None else seed
+        model = Transformer(self.cfg, rngs=nnx.Rngs(seed), remat=tc.remat)
+        if self.lora:
+            lora.apply_lora(
+                model, tc.lora_targets, tc.lora_rank, tc.lora_alpha, tc.lora_dropout, seed=seed
+            )
+        return model
 
     def _check_mesh(self, mesh) -> None:
         sharding.validate(self.cfg, mesh)
@@ -263,23 +339,74 @@ class Trainer:
         )
         sharding.check_batch(mesh, micro, what)
 
-    def _train_step(self, params, opt_state, batch):
-        return train_step(self.graphdef, self.tx, params, opt_state, batch)
+    def _train_step(self, params, opt_state, batch, frozen, step):
+        key = None
+        if self.lora and self.tc.lora_dropout > 0:
+            # A pure function of (seed, step), like the data order: resuming is exact.
+            key = jax.random.fold_in(jax.random.key(self.tc.seed), step)
+        return train_step(self.graphdef, self.tx, params, opt_state, batch, frozen, key)
 
-    def _eval_sums(self, params, batch):
-        return loss_sums(nnx.merge(self.graphdef, params), batch)
+    def _eval_sums(self, params, batch, frozen):
+        return loss_sums(self._merge(params, frozen), batch)
+
+    def _merge(self, params, frozen) -> Transformer:
+        if frozen is None:
+            return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.graphdef, params, frozen)
 
     def _in_mesh(self):
         # The model's `constrain` calls take effect only with the mesh in context.
         return sharding.use_mesh(self.mesh)
 
+    def _need_base(self):
+        if self.lora and self.frozen is None:
+            raise LlamaError("A LoRA Trainer needs its frozen base first: call set_base().")
+        return self.frozen
+
     # State ---------------------------------------------------------------------------
+
+    def set_base(self, params: dict | None = None, seed: int | None = None) -> None:
+        """With LoRA: place the frozen base model the adapters are trained on.
+
+        Args:
+          params: the base's weights as a plain Transformer's nested dict (e.g. from a
+            converted checkpoint), any dtype and placement; they are cast to the config's
+            param_dtype and placed on the mesh shard by shard. None: random weights.
+          seed: the seed of random base weights (default tc.seed).
+        Raises:
+          LlamaError: no LoRA, or `params` not shaped like the model config.
+        """
+        if not self.lora:
+            raise LlamaError("set_base is for LoRA runs (TrainConfig.lora_rank > 0).")
+        if params is None:
+            make = lambda: nnx.to_pure_dict(nnx.split(self._create(seed), lora.LoRAParam, ...)[2])
+            self.frozen = jax.jit(make, out_shardings=self.frozen_shardings)()
+            return
+        params = lora.frozen_from_plain(params, self.abstract_frozen)
+        self._check_shapes(self.abstract_frozen, params)
+        if self.mesh is not None:
+            params = jax.device_put(params, self.frozen_shardings)
+        # Arrays already of the right dtype and placement are used as they are: the base
+        # is the largest thing in memory and is never written, so it is not copied.
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        self.frozen = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+    def _check_shapes(self, abstract: dict, params: dict) -> None:
+        want = jax.tree.map(lambda a: (a.shape,), abstract)
+        got = jax.tree.map(lambda a: (tuple(a.shape),), params)
+        if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+            raise LlamaError(
+                "The initial weights do not match the model config "
+                f"{self.cfg.name!r}; fine-tune with the config they were saved with."
+            )
 
     def init_params(self, seed: int | None = None, params: dict | None = None) -> dict:
         """Float32 parameters placed on the mesh: random ones, or `params` (fine-tuning).
 
         Random weights are created directly on their shardings (a jit with out_shardings),
         and given ones are placed shard by shard, so no device holds the whole model.
+        With LoRA the returned parameters are fresh adapters (B = 0), and the base is
+        `params` (or random weights) placed by `set_base` unless one is set already.
 
         Args:
           seed: the initialisation seed (default tc.seed); ignored when `params` is given.
@@ -290,23 +417,19 @@ class Trainer:
         Raises:
           LlamaError: `params` does not have the model config's names and shapes.
         """
+        if self.lora:
+            if self.frozen is None or params is not None:
+                self.set_base(params, seed)
+            make = lambda: lora.lora_state(self._create(seed))
+            return jax.jit(make, out_shardings=self.param_shardings)()
         if params is not None:
-            want = jax.tree.map(lambda a: (a.shape,), self.abstract_params)
-            got = jax.tree.map(lambda a: (tuple(a.shape),), params)
-            if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-                raise LlamaError(
-                    "The initial weights do not match the model config "
-                    f"{self.cfg.name!r}; fine-tune with the config they were saved with."
-                )
+            self._check_shapes(self.abstract_params, params)
             if self.mesh is not None:
                 params = jax.device_put(params, self.param_shardings)
             to_f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
             return jax.jit(to_f32, out_shardings=self.param_shardings)(params)
 
-        seed = self.tc.seed if seed is None else seed
-        make = lambda: nnx.to_pure_dict(
-            nnx.state(Transformer(self.cfg, rngs=nnx.Rngs(seed), remat=self.tc.remat))
-        )
+        make = lambda: nnx.to_pure_dict(nnx.state(self._create(seed)))
         return jax.jit(make, out_shardings=self.param_shardings)()
 
     def init_opt_state(self, params: dict):
@@ -328,17 +451,19 @@ class Trainer:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
-    def step(self, params, opt_state, batch: dict[str, jax.Array]):
+    def step(self, params, opt_state, batch: dict[str, jax.Array], step: int = 0):
         """Run one update; params and opt_state are donated, so use the returned ones.
 
         Args:
           params, opt_state: the current state (from init_params / init_opt_state).
           batch: the global batch from `put_batch`.
+          step: the update's number; it seeds LoRA dropout (nothing else is random).
         Returns:
           (params, opt_state, {"loss", "grad_norm"} as device scalars).
         """
+        frozen = self._need_base()
         with self._in_mesh():
-            return self._step(params, opt_state, batch)
+            return self._step(params, opt_state, batch, frozen, jnp.asarray(step, jnp.int32))
 
     def evaluate(self, params, dataset: TokenDataset, seed: int = 0) -> float:
         """Mean loss over `eval_batches` fixed batches of `dataset` (the same rows each time).
@@ -359,7 +484,7 @@ class Trainer:
                               jax.process_count())  # fmt: skip
             b = self.put_batch({k: v[0] for k, v in b.items()}, sharding)
             with self._in_mesh():
-                s, n = self._eval(params, b)
+                s, n = self._eval(params, b, self._need_base())
             total, weight = total + float(s), weight + float(n)
         return total / max(weight, 1.0)
 
@@ -370,9 +495,11 @@ class Trainer:
           params: parameters from training (they are shared, not copied).
           remat: the returned model's rematerialisation policy (none for inference).
         Returns:
-          The Transformer; its config has float32 weights and tc.compute_dtype matmuls.
+          The Transformer; its config has float32 weights (with LoRA: the base's dtype
+          and float32 adapters) and tc.compute_dtype matmuls. With LoRA the model is
+          adapted (`lora.merge` folds the adapters in).
         """
-        model = nnx.merge(self.graphdef, params)
+        model = self._merge(params, self._need_base())
         model.remat = remat
         return model
 
