@@ -222,26 +222,44 @@ class LlamaConfig:
 
 def _llama1(name: str, dim: int, n_layers: int, n_heads: int) -> LlamaConfig:
     return LlamaConfig(
-        name=name, dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=32000,
-        multiple_of=256, norm_eps=1e-6, max_seq_len=2048,
-    )  # fmt: skip
+        name=name,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        vocab_size=32000,
+        multiple_of=256,
+        norm_eps=1e-6,
+        max_seq_len=2048,
+    )
 
 
 def _llama2(name: str, dim: int, n_layers: int, n_heads: int, **kw: Any) -> LlamaConfig:
     kw.setdefault("multiple_of", 256)
     return LlamaConfig(
-        name=name, dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=32000,
-        norm_eps=1e-5, max_seq_len=4096, **kw,
-    )  # fmt: skip
+        name=name,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        vocab_size=32000,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+        **kw,
+    )
 
 
 def _llama3(name: str, dim: int, n_layers: int, n_heads: int, **kw: Any) -> LlamaConfig:
     kw.setdefault("n_kv_heads", 8)
     kw.setdefault("max_seq_len", 8192)
     return LlamaConfig(
-        name=name, dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=128256,
-        norm_eps=1e-5, rope_theta=500000.0, **kw,
-    )  # fmt: skip
+        name=name,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        vocab_size=128256,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        **kw,
+    )
 
 
 _LLAMA31_SCALING = RopeScaling(factor=8.0)
@@ -258,34 +276,99 @@ PRESETS: dict[str, LlamaConfig] = {
         # Llama 2 (Jul 2023): 4k context; 70B adds GQA with 8 KV heads.
         _llama2("llama2-7b", 4096, 32, 32),
         _llama2("llama2-13b", 5120, 40, 40),
-        _llama2("llama2-70b", 8192, 80, 64, n_kv_heads=8, multiple_of=4096,
-                ffn_dim_multiplier=1.3),
+        _llama2("llama2-70b", 8192, 80, 64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
         # Llama 3 (Apr 2024): 128k-token tiktoken vocabulary, GQA everywhere, theta 5e5.
         _llama3("llama3-8b", 4096, 32, 32, multiple_of=1024, ffn_dim_multiplier=1.3),
         _llama3("llama3-70b", 8192, 80, 64, multiple_of=4096, ffn_dim_multiplier=1.3),
         # Llama 3.1 (Jul 2024): 128k context through rope scaling (factor 8).
-        _llama3("llama3.1-8b", 4096, 32, 32, multiple_of=1024, ffn_dim_multiplier=1.3,
-                rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
-        _llama3("llama3.1-70b", 8192, 80, 64, multiple_of=4096, ffn_dim_multiplier=1.3,
-                rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
-        _llama3("llama3.1-405b", 16384, 126, 128, multiple_of=4096, ffn_dim_multiplier=1.2,
-                rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
+        _llama3(
+            "llama3.1-8b",
+            4096,
+            32,
+            32,
+            multiple_of=1024,
+            ffn_dim_multiplier=1.3,
+            rope_scaling=_LLAMA31_SCALING,
+            max_seq_len=131072,
+        ),
+        _llama3(
+            "llama3.1-70b",
+            8192,
+            80,
+            64,
+            multiple_of=4096,
+            ffn_dim_multiplier=1.3,
+            rope_scaling=_LLAMA31_SCALING,
+            max_seq_len=131072,
+        ),
+        _llama3(
+            "llama3.1-405b",
+            16384,
+            126,
+            128,
+            multiple_of=4096,
+            ffn_dim_multiplier=1.2,
+            rope_scaling=_LLAMA31_SCALING,
+            max_seq_len=131072,
+        ),
         # Llama 3.2 (Sep 2024): small text models with tied embeddings, scaling factor 32.
-        _llama3("llama3.2-1b", 2048, 16, 32, multiple_of=256, ffn_dim_multiplier=1.5,
-                rope_scaling=_LLAMA32_SCALING, max_seq_len=131072, tie_word_embeddings=True),
-        _llama3("llama3.2-3b", 3072, 28, 24, multiple_of=256, ffn_dim_multiplier=1.0,
-                rope_scaling=_LLAMA32_SCALING, max_seq_len=131072, tie_word_embeddings=True),
+        _llama3(
+            "llama3.2-1b",
+            2048,
+            16,
+            32,
+            multiple_of=256,
+            ffn_dim_multiplier=1.5,
+            rope_scaling=_LLAMA32_SCALING,
+            max_seq_len=131072,
+            tie_word_embeddings=True,
+        ),
+        _llama3(
+            "llama3.2-3b",
+            3072,
+            28,
+            24,
+            multiple_of=256,
+            ffn_dim_multiplier=1.0,
+            rope_scaling=_LLAMA32_SCALING,
+            max_seq_len=131072,
+            tie_word_embeddings=True,
+        ),
         # Tiny models for tests, notebooks and the quickstart; same code paths, any laptop.
-        LlamaConfig(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
-                    ffn_dim=128, max_seq_len=256),
-        LlamaConfig(name="tiny-llama3", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                    vocab_size=512, ffn_dim=160, rope_theta=500000.0, max_seq_len=512,
-                    rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=64)),
+        LlamaConfig(
+            name="tiny",
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=256,
+            ffn_dim=128,
+            max_seq_len=256,
+        ),
+        LlamaConfig(
+            name="tiny-llama3",
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=512,
+            ffn_dim=160,
+            rope_theta=500000.0,
+            max_seq_len=512,
+            rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=64),
+        ),
         # A 134M-parameter model for the benchmarks: big enough to be bandwidth-bound.
-        LlamaConfig(name="bench-134m", dim=768, n_layers=12, n_heads=12, vocab_size=32000,
-                    ffn_dim=2048, max_seq_len=2048),
+        LlamaConfig(
+            name="bench-134m",
+            dim=768,
+            n_layers=12,
+            n_heads=12,
+            vocab_size=32000,
+            ffn_dim=2048,
+            max_seq_len=2048,
+        ),
     ]
-}  # fmt: skip
+}
 
 
 def get_preset(name: str) -> LlamaConfig:

@@ -16,8 +16,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(argv_of, processes: int = 2, devices_each: int = 4,
-                  timeout: float = 150.0) -> list[str]:  # fmt: skip
+def run_processes(
+    argv_of, processes: int = 2, devices_each: int = 4, timeout: float = 150.0
+) -> list[str]:
     """Start `processes` copies of a program, wait for all, kill every one on failure.
 
     Args:
@@ -43,7 +44,7 @@ def run_processes(argv_of, processes: int = 2, devices_each: int = 4,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(processes)
     ]
     deadline = time.monotonic() + timeout
@@ -59,7 +60,9 @@ def run_processes(argv_of, processes: int = 2, devices_each: int = 4,
                 p.kill()
         logs = [p.communicate()[0] for p in procs]
     codes = [p.returncode for p in procs]
-    report = "\n".join(f"--- process {i} (exit {c})\n{log[-3000:]}" for i, (c, log) in
-                       enumerate(zip(codes, logs, strict=True)))  # fmt: skip
+    report = "\n".join(
+        f"--- process {i} (exit {c})\n{log[-3000:]}"
+        for i, (c, log) in enumerate(zip(codes, logs, strict=True))
+    )
     assert codes == [0] * processes, report
     return logs

@@ -25,11 +25,18 @@ from tests.checkpoint_helpers import hf_state, write_hf_dir, write_meta_dir
 from tests.hf_oracle import hf_logits, make_hf_model
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=128, ffn_dim=96, max_seq_len=128)
-GQA = lj.LlamaConfig(**{**TINY, "n_kv_heads": 2, "rope_theta": 500000.0,
-                        "rope_scaling": lj.RopeScaling(factor=8.0)})  # fmt: skip
+GQA = lj.LlamaConfig(
+    **{**TINY, "n_kv_heads": 2, "rope_theta": 500000.0, "rope_scaling": lj.RopeScaling(factor=8.0)}
+)
 MHA = lj.LlamaConfig(**TINY, norm_eps=1e-6)
-TIED = lj.LlamaConfig(**{**TINY, "n_kv_heads": 2, "tie_word_embeddings": True,
-                         "rope_scaling": lj.RopeScaling(factor=32.0)})  # fmt: skip
+TIED = lj.LlamaConfig(
+    **{
+        **TINY,
+        "n_kv_heads": 2,
+        "tie_word_embeddings": True,
+        "rope_scaling": lj.RopeScaling(factor=32.0),
+    }
+)
 TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 24))
 
 
@@ -98,10 +105,12 @@ def test_hf_to_llama_jax_logits_match_transformers(variant, gqa_hf, tmp_path):
         c["rope_theta"] = GQA.rope_theta
         s = GQA.rope_scaling
         c["rope_scaling"] = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_seq_len,
-        }  # fmt: skip
+        }
         (src / "config.json").write_text(json.dumps(c))
     (src / "tokenizer.model").write_bytes(b"tokenizer bytes")
     assert main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
@@ -122,8 +131,15 @@ def test_meta_shards_to_llama_jax_logits_match_transformers(cfg, shards, style, 
         cfg = cfg.replace(n_heads=8, n_kv_heads=2, dim=128)
         hf = make_hf_model(cfg, seed=3)
     llama2 = style == "llama2"
-    write_meta_dir(hf, cfg, tmp_path / "meta", shards, embed_axis=1 if llama2 else 0,
-                   rope_freqs=llama2, mha_without_n_kv_heads=llama2)  # fmt: skip
+    write_meta_dir(
+        hf,
+        cfg,
+        tmp_path / "meta",
+        shards,
+        embed_axis=1 if llama2 else 0,
+        rope_freqs=llama2,
+        mha_without_n_kv_heads=llama2,
+    )
     assert len(list((tmp_path / "meta").glob("consolidated.*.pth"))) == shards
     convert(tmp_path / "meta", tmp_path / "ckpt", progress=False)
     assert rel_err(logits(load(tmp_path / "ckpt")), hf_logits(hf, TOKENS)) < 1e-5
@@ -254,8 +270,12 @@ def test_pth_reader_handles_views_and_writer_is_read_by_torch(tmp_path):
     from tests.checkpoint_helpers import to_numpy
 
     base = torch.randn(6, 8)
-    sd = {"t": base.t(), "slice": base[2:5], "bf16": torch.randn(3, 4).bfloat16(),
-          "f16": torch.randn(5).half()}  # fmt: skip
+    sd = {
+        "t": base.t(),
+        "slice": base[2:5],
+        "bf16": torch.randn(3, 4).bfloat16(),
+        "f16": torch.randn(5).half(),
+    }
     torch.save(sd, tmp_path / "a.pth")  # views share one storage
     lazy = read_pth(tmp_path / "a.pth")
     for k, v in sd.items():

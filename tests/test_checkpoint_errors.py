@@ -18,8 +18,9 @@ from llama_jax.cli import main
 from tests.checkpoint_helpers import write_hf_dir, write_meta_dir
 from tests.hf_oracle import make_hf_model
 
-CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=96,
-                     max_seq_len=128)  # fmt: skip
+CFG = lj.LlamaConfig(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=96, max_seq_len=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,13 @@ def test_missing_directory(tmp_path, capsys):
 def test_no_params_json_or_config_json(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "consolidated.00.pth").write_bytes(b"")
-    fails(tmp_path, capsys, "convert", tmp_path / "empty",
-          match="neither params.json (Meta layout) nor config.json")  # fmt: skip
+    fails(
+        tmp_path,
+        capsys,
+        "convert",
+        tmp_path / "empty",
+        match="neither params.json (Meta layout) nor config.json",
+    )
 
 
 def test_missing_meta_shard(sources, tmp_path, capsys):
@@ -187,8 +193,15 @@ def test_export_errors(sources, tmp_path, capsys):
     assert main(["convert", str(sources / "hf"), str(tmp_path / "ck")]) == 0
     shutil.rmtree(tmp_path / "ck" / "params" / "layers" / "00001")
     capsys.readouterr()
-    fails(tmp_path, capsys, "export", tmp_path / "ck", "--to", "meta",
-          match="00001: missing; the checkpoint is incomplete")  # fmt: skip
+    fails(
+        tmp_path,
+        capsys,
+        "export",
+        tmp_path / "ck",
+        "--to",
+        "meta",
+        match="00001: missing; the checkpoint is incomplete",
+    )
 
 
 def test_load_refuses_arrays_that_disagree_with_the_recorded_config(sources, tmp_path):

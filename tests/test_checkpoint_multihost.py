@@ -19,8 +19,9 @@ from llama_jax.checkpoint import save
 from tests.multihost_launch import run_processes
 
 ROOT = Path(__file__).resolve().parent.parent
-CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128,
-                     max_seq_len=64)  # fmt: skip
+CFG = lj.LlamaConfig(
+    dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128, max_seq_len=64
+)
 
 
 def run_two(argv_of, timeout: float = 150.0) -> list[str]:
@@ -38,8 +39,9 @@ def test_save_and_load_across_two_processes(tmp_path):
     save(model, tmp_path / "in")
     worker = str(ROOT / "tests" / "checkpoint_multihost_worker.py")
     out = str(tmp_path / "out")
-    logs = run_two(lambda i, port: [sys.executable, worker, str(i), "2", str(port),
-                                    str(tmp_path / "in"), out])  # fmt: skip
+    logs = run_two(
+        lambda i, port: [sys.executable, worker, str(i), "2", str(port), str(tmp_path / "in"), out]
+    )
     assert "saved and reloaded across 2 processes" in logs[0], logs
     assert sorted(os.listdir(tmp_path)) == ["in", "out", "out.logits.npy"]  # no temp dirs
     again = lj.load(out)

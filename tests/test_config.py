@@ -25,8 +25,14 @@ PUBLISHED = {
     "llama3.2-3b": 3_212_749_824,
 }
 # The rounded figures quoted in papers and model cards.
-QUOTED = {"llama2-7b": 6.74e9, "llama3-8b": 8.03e9, "llama2-70b": 6.90e10,
-          "llama3.1-405b": 4.06e11, "llama3.2-1b": 1.24e9, "llama3.2-3b": 3.21e9}  # fmt: skip
+QUOTED = {
+    "llama2-7b": 6.74e9,
+    "llama3-8b": 8.03e9,
+    "llama2-70b": 6.90e10,
+    "llama3.1-405b": 4.06e11,
+    "llama3.2-1b": 1.24e9,
+    "llama3.2-3b": 3.21e9,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -82,22 +88,43 @@ def test_config_round_trips_through_json_and_checkpoint_formats():
         assert hf.num_params() == cfg.num_params()
         assert hf.rope_scaling == cfg.rope_scaling and hf.rope_theta == cfg.rope_theta
     meta = config_from_meta(
-        {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-         "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05,
-         "rope_theta": 500000.0, "use_scaled_rope": True}
-    )  # fmt: skip
+        {
+            "dim": 2048,
+            "n_layers": 16,
+            "n_heads": 32,
+            "n_kv_heads": 8,
+            "vocab_size": 128256,
+            "ffn_dim_multiplier": 1.5,
+            "multiple_of": 256,
+            "norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "use_scaled_rope": True,
+        }
+    )
     assert meta.num_params() == PUBLISHED["llama3.2-1b"]
     assert meta.rope_scaling.factor == 32.0 and meta.tie_word_embeddings
     assert meta.max_seq_len == 131072
     llama2 = config_from_meta(
-        {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
-         "vocab_size": -1}
-    )  # fmt: skip
+        {
+            "dim": 4096,
+            "multiple_of": 256,
+            "n_heads": 32,
+            "n_layers": 32,
+            "norm_eps": 1e-05,
+            "vocab_size": -1,
+        }
+    )
     assert llama2.num_params() == PUBLISHED["llama2-7b"] and llama2.max_seq_len == 4096
     llama1 = config_from_meta(
-        {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06,
-         "vocab_size": -1}
-    )  # fmt: skip
+        {
+            "dim": 4096,
+            "multiple_of": 256,
+            "n_heads": 32,
+            "n_layers": 32,
+            "norm_eps": 1e-06,
+            "vocab_size": -1,
+        }
+    )
     assert llama1.max_seq_len == 2048 and llama1.n_kv_heads is None
 
 

@@ -26,8 +26,9 @@ from tests.hf_oracle import hf_params, make_hf_model
 
 # 300 ids: the SentencePiece vocabulary of the text-level tests, so every test shares one
 # model and its compilations.
-CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96,
-                     max_seq_len=128)  # fmt: skip
+CFG = lj.LlamaConfig(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96, max_seq_len=128
+)
 PROMPTS = [[1, 17, 33, 5, 90, 12, 7], [1, 4], [1, 100, 3, 3, 64, 2, 9, 11, 58, 20, 21, 99, 6]]
 
 
@@ -62,8 +63,9 @@ def test_kv_cache_decode_matches_full_forward(hf_and_ours):
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     cache = lj.KVCache.create(CFG, len(PROMPTS), 32)
     forward = nnx.jit(lambda model, *args: model(*args))
-    logits, cache = forward(model, jnp.asarray(tokens), jnp.asarray(positions),
-                            jnp.asarray(mask), cache)  # fmt: skip
+    logits, cache = forward(
+        model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask), cache
+    )
     got = [[logits[i, -1]] for i in range(len(PROMPTS))]
     pos = positions[:, -1]
     for step in range(6):
@@ -116,8 +118,7 @@ def test_one_decode_compile_per_bucket(hf_and_ours):
     model's 128 slots; the decode step and loop compile once and nothing else recompiles."""
     _, model = hf_and_ours
     model = lj.Transformer(CFG.replace(norm_eps=1.1e-5), rngs=nnx.Rngs(0))  # fresh jit keys
-    sizes = lambda: (_prefill._cache_size(), _decode_loop._cache_size(),
-                     _decode_step._cache_size())  # fmt: skip
+    sizes = lambda: (_prefill._cache_size(), _decode_loop._cache_size(), _decode_step._cache_size())
     before = sizes()
     rng = np.random.default_rng(1)
     prompts = lambda n: [rng.integers(1, 300, size=n).tolist(), [1, 2, 3]]
@@ -165,8 +166,16 @@ def test_streaming_gives_the_same_tokens_as_they_come(hf_and_ours):
     stops = [set(), {generate(model, PROMPTS, 8)[1][5]}, set()]
     want = generate(model, PROMPTS, 12, temperature=0.8, top_p=0.9, seed=5, stop_ids=stops)
     seen = [[] for _ in PROMPTS]
-    got = generate(model, PROMPTS, 12, temperature=0.8, top_p=0.9, seed=5, stop_ids=stops,
-                   on_token=lambda row, tok: seen[row].append(tok))  # fmt: skip
+    got = generate(
+        model,
+        PROMPTS,
+        12,
+        temperature=0.8,
+        top_p=0.9,
+        seed=5,
+        stop_ids=stops,
+        on_token=lambda row, tok: seen[row].append(tok),
+    )
     assert got == want == seen and got.finish_reasons == want.finish_reasons
     stream = generate_stream(model, PROMPTS, 12, stop_ids=stops)
     steps = list(stream)
@@ -220,12 +229,20 @@ def test_generate_text_streams_and_cuts_at_stop_strings(text_model):
     model, tok = text_model
     prompts = ["the llama", "alpacas watched the quiet hills and", "at dawn"]
     full = generate_text(model, tok, prompts, 24, temperature=1.0, seed=1)
-    ids = generate(model, [tok.encode(p) for p in prompts], 24, temperature=1.0, seed=1,
-                   stop_ids=tok.stop_ids)  # fmt: skip
+    ids = generate(
+        model, [tok.encode(p) for p in prompts], 24, temperature=1.0, seed=1, stop_ids=tok.stop_ids
+    )
     assert full == [tok.decode(r) for r in ids]
     pieces = [[], [], []]
-    streamed = generate_text(model, tok, prompts, 24, temperature=1.0, seed=1,
-                             on_text=lambda row, text: pieces[row].append(text))  # fmt: skip
+    streamed = generate_text(
+        model,
+        tok,
+        prompts,
+        24,
+        temperature=1.0,
+        seed=1,
+        on_text=lambda row, text: pieces[row].append(text),
+    )
     assert streamed == full == ["".join(p) for p in pieces]
     assert len(pieces[0]) > 1
     stop = full[0][5:8]

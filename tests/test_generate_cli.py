@@ -11,8 +11,9 @@ from llama_jax.cli.chat import chat_loop, fit_history
 from llama_jax.inference.generate import generate_text
 from llama_jax.tokenizer import train_sentencepiece
 
-CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96,
-                     max_seq_len=128)  # fmt: skip
+CFG = lj.LlamaConfig(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96, max_seq_len=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,17 @@ def checkpoint(tmp_path_factory):
 
 def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
     path, model, tok = checkpoint
-    argv = ["generate", "--checkpoint", str(path), "--prompt", "the llama", "--temperature",
-            "0", "--max-new-tokens", "12"]  # fmt: skip
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(path),
+        "--prompt",
+        "the llama",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     pieces = []
@@ -40,13 +50,36 @@ def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
 
 def test_generate_command_batch_and_chat(checkpoint, capsys):
     path, model, tok = checkpoint
-    argv = ["generate", "--checkpoint", str(path), "--prompt", "the llama", "--prompt", "dawn",
-            "--chat", "--system", "Be brief.", "--max-new-tokens", "6", "--seed", "3"]  # fmt: skip
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(path),
+        "--prompt",
+        "the llama",
+        "--prompt",
+        "dawn",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     system = {"role": "system", "content": "Be brief."}
-    want = generate_text(model, tok, [[system, {"role": "user", "content": p}] for p in
-                         ("the llama", "dawn")], 6, 0.6, None, 0.9, 3, chat=True)  # fmt: skip
+    want = generate_text(
+        model,
+        tok,
+        [[system, {"role": "user", "content": p}] for p in ("the llama", "dawn")],
+        6,
+        0.6,
+        None,
+        0.9,
+        3,
+        chat=True,
+    )
     assert out == f"--- prompt 0: the llama\n{want[0]}\n--- prompt 1: dawn\n{want[1]}\n"
 
 
@@ -54,8 +87,15 @@ def test_chat_loop_keeps_history(checkpoint):
     _, model, tok = checkpoint
     inputs = iter(["hello there", "", "the quiet hills", "/reset", "at dawn", "/exit"])
     written = []
-    dialog = chat_loop(model, tok, lambda prompt: next(inputs), written.append,
-                       system="Be brief.", max_new_tokens=5, temperature=0.0)  # fmt: skip
+    dialog = chat_loop(
+        model,
+        tok,
+        lambda prompt: next(inputs),
+        written.append,
+        system="Be brief.",
+        max_new_tokens=5,
+        temperature=0.0,
+    )
     roles = [m["role"] for m in dialog]
     assert roles == ["system", "user", "assistant"] and dialog[1]["content"] == "at dawn"
     assert "[history cleared]\n" in written
@@ -83,8 +123,10 @@ def test_history_that_does_not_fit_drops_the_oldest_exchanges(checkpoint):
     _, _, tok = checkpoint
     dialog = [{"role": "system", "content": "s"}]
     for i in range(6):
-        dialog += [{"role": "user", "content": f"question {i} " * 5},
-                   {"role": "assistant", "content": "answer " * 5}]  # fmt: skip
+        dialog += [
+            {"role": "user", "content": f"question {i} " * 5},
+            {"role": "assistant", "content": "answer " * 5},
+        ]
     dialog.append({"role": "user", "content": "last"})
     kept, dropped = fit_history(tok, dialog, 60)
     assert len(tok.encode_dialog(kept)) <= 60 < len(tok.encode_dialog(dialog))

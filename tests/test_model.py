@@ -15,17 +15,35 @@ CONFIGS = {
     "mha": lj.LlamaConfig(**TINY),
     "gqa": lj.LlamaConfig(**{**TINY, "dim": 128, "n_heads": 8, "n_kv_heads": 2}),
     "mqa": lj.LlamaConfig(**{**TINY, "n_kv_heads": 1}),
-    "odd_widths": lj.LlamaConfig(dim=72, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=97,
-                                 ffn_dim=101, norm_eps=1e-6, max_seq_len=128),
+    "odd_widths": lj.LlamaConfig(
+        dim=72,
+        n_layers=3,
+        n_heads=6,
+        n_kv_heads=3,
+        vocab_size=97,
+        ffn_dim=101,
+        norm_eps=1e-6,
+        max_seq_len=128,
+    ),
     # The test sequence (40 tokens) is longer than the original context (16), so the
     # scaled, the blended and the unscaled frequency bands all matter.
-    "llama3_scaling": lj.LlamaConfig(**{**TINY, "n_kv_heads": 2, "rope_theta": 500000.0,
-                                        "rope_scaling": lj.RopeScaling(factor=8.0,
-                                                                       original_max_seq_len=16)}),
-    "tied": lj.LlamaConfig(**{**TINY, "n_kv_heads": 2, "tie_word_embeddings": True,
-                              "rope_scaling": lj.RopeScaling(factor=32.0,
-                                                             original_max_seq_len=16)}),
-}  # fmt: skip
+    "llama3_scaling": lj.LlamaConfig(
+        **{
+            **TINY,
+            "n_kv_heads": 2,
+            "rope_theta": 500000.0,
+            "rope_scaling": lj.RopeScaling(factor=8.0, original_max_seq_len=16),
+        }
+    ),
+    "tied": lj.LlamaConfig(
+        **{
+            **TINY,
+            "n_kv_heads": 2,
+            "tie_word_embeddings": True,
+            "rope_scaling": lj.RopeScaling(factor=32.0, original_max_seq_len=16),
+        }
+    ),
+}
 
 
 def rel_err(a, b) -> float:

@@ -24,10 +24,15 @@ CONFIGS = {
     "gqa": lj.LlamaConfig(**{**TINY, "n_kv_heads": 2}),
     "mqa": lj.LlamaConfig(**{**TINY, "n_kv_heads": 1}),
     "tied": lj.LlamaConfig(**{**TINY, "n_kv_heads": 4, "tie_word_embeddings": True}),
-    "llama3_scaling": lj.LlamaConfig(**{**TINY, "n_kv_heads": 2, "rope_theta": 500000.0,
-                                        "rope_scaling": lj.RopeScaling(factor=8.0,
-                                                                       original_max_seq_len=8)}),
-}  # fmt: skip
+    "llama3_scaling": lj.LlamaConfig(
+        **{
+            **TINY,
+            "n_kv_heads": 2,
+            "rope_theta": 500000.0,
+            "rope_scaling": lj.RopeScaling(factor=8.0, original_max_seq_len=8),
+        }
+    ),
+}
 MESHES = ["dp", "fsdp", "tp", "fsdp_tp"]
 B, T = 8, 16
 
@@ -87,9 +92,11 @@ def reference_logits(name):
 def shard_bytes_on(device, tree) -> int:
     """Bytes of `tree`'s arrays held by one device."""
     return sum(
-        s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards
+        s.data.nbytes
+        for a in jax.tree.leaves(tree)
+        for s in a.addressable_shards
         if s.device == device
-    )  # fmt: skip
+    )
 
 
 def params_of(model) -> dict:
@@ -260,8 +267,9 @@ def test_build_model_never_holds_the_whole_model_on_a_device(monkeypatch):
     # The jitted initialiser build_model compiles: per device, its outputs and its
     # temporaries together stay near 1/8 of the model (the random bits are generated
     # sharded too), never a full copy.
-    cfg = lj.LlamaConfig(dim=512, n_layers=4, n_heads=8, vocab_size=4096, ffn_dim=1024,
-                         max_seq_len=64)  # fmt: skip
+    cfg = lj.LlamaConfig(
+        dim=512, n_layers=4, n_heads=8, vocab_size=4096, ffn_dim=1024, max_seq_len=64
+    )
     jitted = []
     real_jit = jax.jit
 

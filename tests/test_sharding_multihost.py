@@ -16,8 +16,9 @@ import llama_jax as lj
 from llama_jax import sharding
 from tests import multihost_launch
 
-CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128,
-                     max_seq_len=64)  # fmt: skip
+CFG = lj.LlamaConfig(
+    dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, ffn_dim=128, max_seq_len=64
+)
 SEED = 5
 MESH = "fsdp=-1,tensor=2"  # 4 x 2 over both processes' devices
 RESTORE_MESH = "data=2,fsdp=1,tensor=4"  # a different layout for the restore
@@ -73,9 +74,21 @@ def test_cli_launch_on_two_processes():
     # the coordinator and process flags; the mesh spans both processes' devices, and
     # only process 0 prints. (The sharded forward across processes is the test above.)
     def argv(i, port):
-        return [sys.executable, "-m", "llama_jax.cli", "info", "tiny",
-                "--mesh", "fsdp=-1,tensor=2", "--coordinator", f"127.0.0.1:{port}",
-                "--num-processes", str(PROCESSES), "--process-id", str(i)]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "llama_jax.cli",
+            "info",
+            "tiny",
+            "--mesh",
+            "fsdp=-1,tensor=2",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(PROCESSES),
+            "--process-id",
+            str(i),
+        ]
 
     logs = run_processes(argv)
     assert "mesh data=1 fsdp=4 tensor=2 (8 devices, 2 processes" in logs[0], logs

@@ -114,10 +114,11 @@ def test_llama2_chat_format(sp_path):
     )
     assert tok.format_dialog(dialog) == want
     ref = spm.SentencePieceProcessor(model_file=str(sp_path))
-    want_ids = (
-        [1, *ref.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! "), 2]
-        + [1, *ref.encode("[INST] Name a llama. [/INST]")]
-    )  # fmt: skip
+    want_ids = [
+        1,
+        *ref.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! "),
+        2,
+    ] + [1, *ref.encode("[INST] Name a llama. [/INST]")]
     assert tok.encode_dialog(dialog) == want_ids
     single = [{"role": "user", "content": "Hi"}]
     assert tok.format_dialog(single) == "<s>[INST] Hi [/INST]"
@@ -132,8 +133,9 @@ def test_llama2_chat_format(sp_path):
 
 def reference_encoding(ranks):
     specials = {s: len(ranks) + i for i, s in enumerate(llama3_special_tokens())}
-    return tiktoken.Encoding("ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=specials)  # fmt: skip
+    return tiktoken.Encoding(
+        "ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+    )
 
 
 def test_llama3_special_tokens(tt_path):

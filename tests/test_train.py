@@ -23,8 +23,16 @@ from tests.test_data import TOK
 
 ROOT = Path(__file__).resolve().parents[1]
 # Byte-level vocabulary (259 ids) padded to a multiple of 8 so the tensor axis splits it.
-CFG = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=264, ffn_dim=128,
-                  max_seq_len=128, name="test-train")  # fmt: skip
+CFG = LlamaConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=2,
+    vocab_size=264,
+    ffn_dim=128,
+    max_seq_len=128,
+    name="test-train",
+)
 
 
 def stdlib_docs(package: str = "json") -> list[str]:
@@ -53,8 +61,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_weight_decay_skips_norm_gains_only():
     trainer = training.Trainer(CFG, training.TrainConfig(seq_len=16))
     mask = training.decay_mask(trainer.abstract_params)
-    flat = {"/".join(str(k.key) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}  # fmt: skip
+    flat = {
+        "/".join(str(k.key) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+    }
     assert not flat["norm/weight"] and not flat["layers/0/attention_norm/weight"]
     assert not flat["layers/1/ffn_norm/weight"]
     assert flat["tok_embeddings"] and flat["output"] and flat["layers/0/attention/wq"]
@@ -87,8 +97,11 @@ def test_gradient_accumulation_matches_one_large_batch():
 
 def test_sft_prompt_tokens_give_no_gradient(tmp_path):
     f = tmp_path / "sft.jsonl"
-    f.write_text("\n".join(json.dumps({"prompt": f"q{i}? " * (i + 1), "response": f"a{i}"})
-                           for i in range(4)))  # fmt: skip
+    f.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"q{i}? " * (i + 1), "response": f"a{i}"}) for i in range(4)
+        )
+    )
     ds = data.tokenize_sft(data.read_sft_examples(f), TOK, seq_len=48)
     cfg = CFG.replace(dtype="float32")
     trainer = training.Trainer(cfg, training.TrainConfig(seq_len=48, compute_dtype="float32"))
@@ -117,8 +130,15 @@ def two_steps(mesh):
     """Weights and losses after two updates of a float32 model, on `mesh` or one device."""
     # eps above most |g| keeps Adam's update smooth in g: with a tiny eps the first update
     # is lr * sign(g), and a near-zero g's sign depends on the order of a sharded sum.
-    tc = training.TrainConfig(seq_len=16, batch_size=16, micro_batches=2, compute_dtype="float32",
-                           warmup_steps=0, learning_rate=1e-2, eps=1e-4)  # fmt: skip
+    tc = training.TrainConfig(
+        seq_len=16,
+        batch_size=16,
+        micro_batches=2,
+        compute_dtype="float32",
+        warmup_steps=0,
+        learning_rate=1e-2,
+        eps=1e-4,
+    )
     t = training.Trainer(CFG.replace(dtype="float32"), tc, mesh)
     p = t.init_params()
     o = t.init_opt_state(p)
@@ -145,19 +165,34 @@ def test_sharded_train_step_matches_single_device(mesh_spec, single_device_steps
     if mesh_spec == "fsdp":  # the weights really are split
         assert len(p["layers"][0]["feed_forward"]["w1"].sharding.device_set) == 8
     np.testing.assert_allclose(results["mesh"][1], results["single"][1], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(results["mesh"][0]), jax.tree.leaves(results["single"][0]),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(results["mesh"][0]), jax.tree.leaves(results["single"][0]), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
 
 
 def test_loss_falls_on_a_real_corpus_in_mixed_precision(tmp_path):
     train_docs, eval_docs = data.split_documents(stdlib_docs(), 0.25)
-    tc = training.TrainConfig(steps=40, batch_size=8, seq_len=64, learning_rate=3e-3,
-                           warmup_steps=5, eval_every=0, save_every=0, log_every=10,
-                           eval_batches=2)  # fmt: skip
-    result = training.train(CFG, tc, data.pack_documents(train_docs, TOK, 64), tmp_path,
-                         data.pack_documents(eval_docs, TOK, 64), progress=False,
-                         log=lambda _: None)  # fmt: skip
+    tc = training.TrainConfig(
+        steps=40,
+        batch_size=8,
+        seq_len=64,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        eval_every=0,
+        save_every=0,
+        log_every=10,
+        eval_batches=2,
+    )
+    result = training.train(
+        CFG,
+        tc,
+        data.pack_documents(train_docs, TOK, 64),
+        tmp_path,
+        data.pack_documents(eval_docs, TOK, 64),
+        progress=False,
+        log=lambda _: None,
+    )
     before, after = result.eval_losses[0], result.eval_losses[40]
     assert before > 5.0  # about ln(264): the untrained model guesses uniformly
     assert after < before - 1.5, (before, after)
@@ -209,8 +244,13 @@ def run_worker(tmp_path, out, mode):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True,
-                          text=True, env=env, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(script), str(out), mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def final_metrics(path):
@@ -254,8 +294,12 @@ def test_killed_and_preempted_runs_resume_to_bitwise_identical_losses(tmp_path):
 
 
 def small_run(tmp_path, cfg=CFG, mesh=None, **kw):
-    tc = training.TrainConfig(**{**dict(steps=2, batch_size=2, seq_len=16, save_every=1,
-                                     log_every=1, eval_batches=1), **kw})  # fmt: skip
+    tc = training.TrainConfig(
+        **{
+            **dict(steps=2, batch_size=2, seq_len=16, save_every=1, log_every=1, eval_batches=1),
+            **kw,
+        }
+    )
     ds = data.pack_documents(stdlib_docs()[:3], TOK, tc.seq_len)
     return training.train(cfg, tc, ds, tmp_path, progress=False, log=lambda _: None, mesh=mesh)
 
@@ -325,8 +369,9 @@ def test_fine_tuning_starts_from_a_converted_checkpoint(tmp_path):
     from tests.hf_oracle import hf_params, make_hf_model
 
     train_sentencepiece(iter(stdlib_docs()[:4]), tmp_path / "tok.model", vocab_size=400)
-    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=96,
-                      max_seq_len=128)  # fmt: skip
+    cfg = LlamaConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=96, max_seq_len=128
+    )
     hf = make_hf_model(cfg, seed=3, std=0.02)
     hf.save_pretrained(tmp_path / "hf")
     shutil.copy(tmp_path / "tok.model", tmp_path / "hf" / "tokenizer.model")
@@ -343,10 +388,32 @@ def test_fine_tuning_starts_from_a_converted_checkpoint(tmp_path):
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
     # A learning rate of 1e-9 moves no weight by more than ~2e-9: the saved model must be
     # the converted one, which proves where fine-tuning started.
-    argv = ["train", "--init", str(tmp_path / "ckpt"), "--task", "sft", "--data",
-            str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "run"), "--steps", "2",
-            "--batch-size", "4", "--seq-len", "32", "--lr", "1e-9", "--warmup", "0",
-            "--eval-batches", "1", "--no-progress", "--dtype", "float32"]  # fmt: skip
+    argv = [
+        "train",
+        "--init",
+        str(tmp_path / "ckpt"),
+        "--task",
+        "sft",
+        "--data",
+        str(tmp_path / "sft.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-9",
+        "--warmup",
+        "0",
+        "--eval-batches",
+        "1",
+        "--no-progress",
+        "--dtype",
+        "float32",
+    ]
     assert cli.main(argv) == 0
     tuned = checkpoint.load(tmp_path / "run" / "model")
     assert tuned.cfg.replace(name="x", dtype="float32") == cfg.replace(name="x")

@@ -38,8 +38,11 @@ def meta_tensors(path: str, cfg) -> Iterator[tuple[str, np.ndarray]]:
             group, leaf = (parts[0], parts[1]) if len(parts) == 2 else (parts[0], "weight")
             _, w = layout.param_to_meta(("layers", group, leaf), block[group][leaf], cfg, i)
         else:
-            key = {"tok_embeddings.weight": ("tok_embeddings",), "norm.weight": ("norm", "weight"),
-                   "output.weight": ("output",)}[name]  # fmt: skip
+            key = {
+                "tok_embeddings.weight": ("tok_embeddings",),
+                "norm.weight": ("norm", "weight"),
+                "output.weight": ("output",),
+            }[name]
             _, w = layout.param_to_meta(key, store.read_top_host(path, cfg, key), cfg)
         yield name, w
 
@@ -105,8 +108,13 @@ def export(
         if os.path.isfile(tok):
             shutil.copyfile(tok, os.path.join(tmp, store.TOKENIZER_FILE))
     seconds = time.perf_counter() - t0
-    summary = {"parameters": totals["parameters"], "dtype": cfg.param_dtype,
-               "bytes": totals["bytes"], "seconds": seconds, "out": out}  # fmt: skip
+    summary = {
+        "parameters": totals["parameters"],
+        "dtype": cfg.param_dtype,
+        "bytes": totals["bytes"],
+        "seconds": seconds,
+        "out": out,
+    }
     if progress:
         print(
             f"exported {to} -> {out}: {summary['parameters']:,} parameters, {cfg.param_dtype}, "
@@ -144,9 +152,11 @@ def _write_hf(tmp: str, cfg, tensors, max_shard_bytes: int) -> None:
         shards[-1].append(spec)
         size += nbytes
     n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [
-        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-    ]  # fmt: skip
+    files = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     weight_map = {}
     it = iter(tensors)
     for file, shard in zip(files, shards, strict=True):

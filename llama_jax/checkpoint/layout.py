@@ -299,8 +299,10 @@ def meta_params(cfg: LlamaConfig) -> dict:
     params = config_to_meta(cfg)
     s = cfg.rope_scaling
     if s is not None and (s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len) != (
-        1.0, 4.0, 8192,
-    ):  # fmt: skip
+        1.0,
+        4.0,
+        8192,
+    ):
         # Meta's code hard-codes these three; params.json can only carry the factor.
         warnings.warn(
             f"rope_scaling {s} differs from Meta's fixed low_freq_factor=1, "

@@ -41,8 +41,12 @@ def copy_into(path: str, start: int, dtype: np.dtype, out: np.ndarray) -> None:
             r1 = min(rows, r0 + step)
             begin = start + r0 * row_bytes
             aligned = begin - begin % gran
-            mm = mmap.mmap(f.fileno(), (r1 - r0) * row_bytes + begin - aligned,
-                           access=mmap.ACCESS_READ, offset=aligned)  # fmt: skip
+            mm = mmap.mmap(
+                f.fileno(),
+                (r1 - r0) * row_bytes + begin - aligned,
+                access=mmap.ACCESS_READ,
+                offset=aligned,
+            )
             try:
                 src = np.frombuffer(mm, dtype, count=(r1 - r0) * row_items, offset=begin - aligned)
                 if out.ndim:

@@ -138,8 +138,13 @@ def detect(src: str, source: str | None = None, **overrides) -> Source:
 # Meta -------------------------------------------------------------------------------
 
 # How Meta's model-parallel shards split each tensor (fairscale layers).
-_COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1",
-                    "feed_forward.w3")  # fmt: skip
+_COLUMN_PARALLEL = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "feed_forward.w1",
+    "feed_forward.w3",
+)
 _ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 
@@ -193,8 +198,10 @@ class MetaSource(Source):
         self.dtype = first["tok_embeddings.weight"].dtype
         # Meta's downloads keep tokenizer.model beside the weights or one level up.
         parent = os.path.dirname(os.path.abspath(src))
-        for candidate in (os.path.join(src, "tokenizer.model"),
-                          os.path.join(parent, "tokenizer.model")):  # fmt: skip
+        for candidate in (
+            os.path.join(src, "tokenizer.model"),
+            os.path.join(parent, "tokenizer.model"),
+        ):
             if os.path.isfile(candidate):
                 self.tokenizer = candidate
                 break
@@ -327,8 +334,10 @@ class HFSource(Source):
     @staticmethod
     def _index(src: str) -> dict:
         """{HF name: lazy tensor} over every weight file of the directory."""
-        for index_name, reader in (("model.safetensors.index.json", read_safetensors),
-                                   ("pytorch_model.bin.index.json", read_pth)):  # fmt: skip
+        for index_name, reader in (
+            ("model.safetensors.index.json", read_safetensors),
+            ("pytorch_model.bin.index.json", read_pth),
+        ):
             index_path = os.path.join(src, index_name)
             if os.path.isfile(index_path):
                 weight_map = _read_json(index_path).get("weight_map")
@@ -355,8 +364,10 @@ class HFSource(Source):
                     if name not in tensors:
                         raise LlamaError(f"{os.path.join(src, f)}: tensor {name!r} is missing.")
                 return tensors
-        for pattern, reader in (("*.safetensors", read_safetensors),
-                                ("pytorch_model*.bin", read_pth)):  # fmt: skip
+        for pattern, reader in (
+            ("*.safetensors", read_safetensors),
+            ("pytorch_model*.bin", read_pth),
+        ):
             files = sorted(glob.glob(os.path.join(src, pattern)))
             if files:
                 tensors = {}

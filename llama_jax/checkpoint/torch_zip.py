@@ -98,8 +98,16 @@ class _StorageRef(_Sealed):
 class LazyTensor(_Sealed, MappedTensor):
     """A tensor inside a `.pth` archive: metadata now, bytes on `read()`."""
 
-    def __init__(self, path: str, member: zipfile.ZipInfo, data_offset: int, storage: _StorageRef,
-                 offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):  # fmt: skip
+    def __init__(
+        self,
+        path: str,
+        member: zipfile.ZipInfo,
+        data_offset: int,
+        storage: _StorageRef,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+    ):
         self.path = path
         self._member = member
         self._data_offset = data_offset  # byte offset of the storage inside the file
@@ -368,12 +376,18 @@ def _state_dict_pickle(entries: list[tuple[str, str, np.dtype, tuple[int, ...]]]
                     _int(numel),
                 ]
             )
-            + b"Q"
-        )  # fmt: skip  BINPERSID
-        args = _tuple([
-            storage, _int(0), _tuple(map(_int, shape)), _tuple(map(_int, stride)),
-            b"\x89", ordered_dict,
-        ])  # fmt: skip
+            + b"Q"  # BINPERSID
+        )
+        args = _tuple(
+            [
+                storage,
+                _int(0),
+                _tuple(map(_int, shape)),
+                _tuple(map(_int, stride)),
+                b"\x89",
+                ordered_dict,
+            ]
+        )
         out += [_str(name), _global("torch._utils", "_rebuild_tensor_v2"), args, b"R"]
     out += [b"u", b"."]  # SETITEMS, STOP
     return b"".join(out)

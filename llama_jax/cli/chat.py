@@ -95,9 +95,15 @@ def chat_loop(
             write(f"[the oldest {dropped} messages no longer fit the context: dropped]\n")
         write("llama> ")
         answer, reason = generate_text(
-            model, tokenizer, messages, max_new_tokens, chat=True,
-            on_text=lambda row, piece: write(piece), return_finish_reasons=True, **sampling,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            messages,
+            max_new_tokens,
+            chat=True,
+            on_text=lambda row, piece: write(piece),
+            return_finish_reasons=True,
+            **sampling,
+        )
         write("\n")
         if reason == CACHE_FULL:
             write("[the answer was cut: the context is full]\n")
@@ -131,8 +137,17 @@ def run(args) -> int:
 
     if show:
         print("[chat: /reset clears the history, /exit or Ctrl-D leaves]", file=sys.stderr)
-    chat_loop(model, tokenizer, input, write, system=args.system,
-              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-              cache_len=args.cache_len)  # fmt: skip
+    chat_loop(
+        model,
+        tokenizer,
+        input,
+        write,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        cache_len=args.cache_len,
+    )
     return 0

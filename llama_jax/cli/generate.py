@@ -46,9 +46,12 @@ def add_sampling_arguments(p, max_new_tokens: int) -> None:
         help="int8: projection weights in int8 with per-channel scales, quantized while "
         "loading (a quarter of float32's memory; see docs/performance.md for the quality)",
     )
-    p.add_argument("--cache-len", type=int, default=None,
-                   help="KV cache slots (default: enough for prompt and answer, at most the "
-                   "model's context)")  # fmt: skip
+    p.add_argument(
+        "--cache-len",
+        type=int,
+        default=None,
+        help="KV cache slots (default: enough for prompt and answer, at most the model's context)",
+    )
     add_mesh_argument(p)
 
 
@@ -77,15 +80,22 @@ def load_for_generation(args):
             f"but the model only {model.cfg.vocab_size}: they do not belong together. Pass the "
             "tokenizer that came with the weights (--tokenizer)."
         )
-    print0(f"{model.cfg.name or 'model'}: {tokenizer.kind} tokenizer, {describe_mesh(mesh)}",
-           file=__import__("sys").stderr)  # fmt: skip
+    print0(
+        f"{model.cfg.name or 'model'}: {tokenizer.kind} tokenizer, {describe_mesh(mesh)}",
+        file=__import__("sys").stderr,
+    )
     return model, tokenizer
 
 
 def add_arguments(p) -> None:
     """Flags of `llama-jax generate`."""
-    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                   help="the prompt; repeat the flag for a batch of prompts")  # fmt: skip
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="the prompt; repeat the flag for a batch of prompts",
+    )
     p.add_argument(
         "--chat",
         action="store_true",
@@ -216,7 +226,10 @@ def run(args) -> int:
                 print(f"--- prompt {i}: {prompt}\n{text}")
         for i, reason in enumerate(reasons):
             if reason == CACHE_FULL:
-                print(f"[prompt {i}: stopped because the KV cache is full (the model's context "
-                      f"is {model.cfg.max_seq_len} tokens)]", file=sys.stderr)  # fmt: skip
+                print(
+                    f"[prompt {i}: stopped because the KV cache is full (the model's context "
+                    f"is {model.cfg.max_seq_len} tokens)]",
+                    file=sys.stderr,
+                )
         print(f"[{seconds:.1f} s, compilation included]", file=sys.stderr)
     return 0

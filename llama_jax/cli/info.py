@@ -67,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if args.devices is not None and (args.mesh is None or args.forward or args.devices < 1):
         from llama_jax.errors import LlamaError
 
-        raise LlamaError("--devices N plans a --mesh for N (>= 1) devices; it needs --mesh "
-                         "and cannot run --forward (the devices are not there).")  # fmt: skip
+        raise LlamaError(
+            "--devices N plans a --mesh for N (>= 1) devices; it needs --mesh "
+            "and cannot run --forward (the devices are not there)."
+        )
     if args.mesh is not None:
         from flax import nnx
 
@@ -97,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         forward = jit_forward(model, mesh)
         t0 = time.perf_counter()
         logits = jax.block_until_ready(forward(tokens))
-        print0(f"  forward on random weights: logits {logits.shape} {logits.dtype}, "
-              f"compiled and ran in {time.perf_counter() - t0:.2f}s")  # fmt: skip
+        print0(
+            f"  forward on random weights: logits {logits.shape} {logits.dtype}, "
+            f"compiled and ran in {time.perf_counter() - t0:.2f}s"
+        )
     return 0

@@ -76,9 +76,16 @@ def model_config(vocab_size: int, seq_len: int) -> LlamaConfig:
       The LlamaConfig.
     """
     return LlamaConfig(
-        name="quickstart", dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=vocab_size,
-        ffn_dim=704, max_seq_len=max(256, seq_len), norm_eps=1e-5,
-    )  # fmt: skip
+        name="quickstart",
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=vocab_size,
+        ffn_dim=704,
+        max_seq_len=max(256, seq_len),
+        norm_eps=1e-5,
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,10 +98,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size (default 2048)")
-    p.add_argument("--corpus-mb", type=float, default=3.0,
-                   help="megabytes of standard-library source to use (default 3)")  # fmt: skip
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                   help="matmul dtype (default: float32 on CPU, bfloat16 elsewhere)")  # fmt: skip
+    p.add_argument(
+        "--corpus-mb",
+        type=float,
+        default=3.0,
+        help="megabytes of standard-library source to use (default 3)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="matmul dtype (default: float32 on CPU, bfloat16 elsewhere)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_mesh_argument(p, default="fsdp")
@@ -155,8 +170,10 @@ def run(args: argparse.Namespace) -> int:
     files = stdlib_corpus(int(args.corpus_mb * 1e6))
     docs = data.read_documents(files)
     train_docs, eval_docs = data.split_documents(docs, 0.05, seed=args.seed)
-    print(f"corpus: {len(docs)} standard-library modules from {files[0].parent} "
-          f"({sum(map(len, docs)) / 1e6:.1f} M characters), {len(eval_docs)} held out")  # fmt: skip
+    print(
+        f"corpus: {len(docs)} standard-library modules from {files[0].parent} "
+        f"({sum(map(len, docs)) / 1e6:.1f} M characters), {len(eval_docs)} held out"
+    )
 
     # 2. Tokenizer (reused when resuming into the same directory).
     tok_path = out / "tokenizer.model"
@@ -175,17 +192,29 @@ def run(args: argparse.Namespace) -> int:
     mesh = make_mesh(args.mesh)
     dtype = args.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
     tc = training.TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-        learning_rate=args.lr, warmup_steps=max(1, args.steps // 20), min_lr_ratio=0.1,
-        weight_decay=0.1, compute_dtype=dtype, seed=args.seed,
-        eval_every=max(1, args.steps // 6), eval_batches=4, save_every=max(1, args.steps // 3),
-        keep=2, log_every=max(1, min(10, args.steps // 20)),
-    )  # fmt: skip
-    print(f"model: {cfg.num_params() / 1e6:.1f}M parameters (D={cfg.dim}, L={cfg.n_layers}, "
-          f"N={cfg.n_heads}, K={cfg.kv_heads}, V={cfg.vocab_size}); {describe_mesh(mesh)}; "
-          f"{len(train_ds)} rows of {args.seq_len} tokens; matmuls in {dtype}")  # fmt: skip
-    result = training.train(cfg, tc, train_ds, out / "run", eval_ds, mesh=mesh,
-                         progress=not args.no_progress)  # fmt: skip
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        learning_rate=args.lr,
+        warmup_steps=max(1, args.steps // 20),
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        compute_dtype=dtype,
+        seed=args.seed,
+        eval_every=max(1, args.steps // 6),
+        eval_batches=4,
+        save_every=max(1, args.steps // 3),
+        keep=2,
+        log_every=max(1, min(10, args.steps // 20)),
+    )
+    print(
+        f"model: {cfg.num_params() / 1e6:.1f}M parameters (D={cfg.dim}, L={cfg.n_layers}, "
+        f"N={cfg.n_heads}, K={cfg.kv_heads}, V={cfg.vocab_size}); {describe_mesh(mesh)}; "
+        f"{len(train_ds)} rows of {args.seq_len} tokens; matmuls in {dtype}"
+    )
+    result = training.train(
+        cfg, tc, train_ds, out / "run", eval_ds, mesh=mesh, progress=not args.no_progress
+    )
     if result.preempted:
         print(f"stopped by SIGTERM; run the same command to resume from {out / 'run'}")
         return 143
@@ -206,12 +235,23 @@ def run(args: argparse.Namespace) -> int:
     a, b = np.asarray(trained(probe)), np.asarray(reloaded(probe))
     diff = float(np.max(np.abs(a - b)))
     if diff > 1e-5:
-        raise LlamaError(f"The model converted back from Meta's layout differs (max |dlogit| "
-                         f"{diff:.2e}); the export/convert round trip is broken.")  # fmt: skip
-    samples = generate_text(reloaded, tokenizer, list(PROMPTS), max_new_tokens=96,
-                            temperature=0.7, top_k=40, seed=args.seed)  # fmt: skip
-    text = "".join(f"--- sample {i} (prompt {p!r}) ---\n{p}{s}\n\n"
-                   for i, (p, s) in enumerate(zip(PROMPTS, samples, strict=True)))  # fmt: skip
+        raise LlamaError(
+            f"The model converted back from Meta's layout differs (max |dlogit| "
+            f"{diff:.2e}); the export/convert round trip is broken."
+        )
+    samples = generate_text(
+        reloaded,
+        tokenizer,
+        list(PROMPTS),
+        max_new_tokens=96,
+        temperature=0.7,
+        top_k=40,
+        seed=args.seed,
+    )
+    text = "".join(
+        f"--- sample {i} (prompt {p!r}) ---\n{p}{s}\n\n"
+        for i, (p, s) in enumerate(zip(PROMPTS, samples, strict=True))
+    )
     (out / "samples.txt").write_text(text)
     t = phase("samples", t)
 
@@ -223,18 +263,26 @@ def run(args: argparse.Namespace) -> int:
     plot_losses(out / "run" / "metrics.jsonl", out / "loss.png", title)
     timings["total"] = round(time.perf_counter() - t_start, 1)
     summary = {
-        "held_out_loss_before": before, "held_out_loss_after": after,
-        "steps": tc.steps, "round_trip_max_abs_logit_diff": diff,
-        "params": cfg.num_params(), "mesh": describe_mesh(mesh), "seconds": timings,
+        "held_out_loss_before": before,
+        "held_out_loss_after": after,
+        "steps": tc.steps,
+        "round_trip_max_abs_logit_diff": diff,
+        "params": cfg.num_params(),
+        "mesh": describe_mesh(mesh),
+        "seconds": timings,
         "devices": [str(d) for d in jax.devices()],
-    }  # fmt: skip
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
     print(text, end="")
-    print(f"held-out loss: {before:.3f} before training -> {after:.3f} after {tc.steps} steps "
-          f"(perplexity {np.exp(before):.0f} -> {np.exp(after):.1f})")  # fmt: skip
+    print(
+        f"held-out loss: {before:.3f} before training -> {after:.3f} after {tc.steps} steps "
+        f"(perplexity {np.exp(before):.0f} -> {np.exp(after):.1f})"
+    )
     print(f"export to Meta's layout and back: logits equal (max |diff| {diff:.1e})")
-    print(f"everything is in {out}/: tokenizer.model, run/ (Orbax checkpoints, metrics.jsonl), "
-          "model/, meta/, reloaded/, loss.png, samples.txt, summary.json")  # fmt: skip
+    print(
+        f"everything is in {out}/: tokenizer.model, run/ (Orbax checkpoints, metrics.jsonl), "
+        "model/, meta/, reloaded/, loss.png, samples.txt, summary.json"
+    )
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return 0

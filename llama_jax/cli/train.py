@@ -125,7 +125,6 @@ def add_arguments(p) -> None:
     )
     add_mesh_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # fmt: skip
 
 
 def read_data(args, seed: int):
@@ -199,8 +198,10 @@ def run(args) -> int:
     if eval_items:
         eval_ds = tokenize_data(args, eval_items, tokenizer, tc.seq_len, "The held-out")
     mesh = make_mesh(args.mesh)
-    print(f"{cfg.name}: {cfg.num_params():,} parameters; {describe_mesh(mesh)}; "
-          f"{len(train_ds)} training rows of {tc.seq_len} tokens")  # fmt: skip
+    print(
+        f"{cfg.name}: {cfg.num_params():,} parameters; {describe_mesh(mesh)}; "
+        f"{len(train_ds)} training rows of {tc.seq_len} tokens"
+    )
     extra_meta = None
     if tc.lora_rank:
         # The run's checkpoints hold the adapters only: the base is read again on resume

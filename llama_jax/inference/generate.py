@@ -254,8 +254,16 @@ def generate_stream(
     pad_id: int = 0,
 ) -> GenerationStream:
     """Like `generate`, but yields the tokens step by step (see `GenerationStream`)."""
-    return _start(model, prompt_ids, max_new_tokens, SamplingParams(temperature, top_k, top_p,
-                  seed), stop_ids, cache_len, pad_id, stream=True)  # fmt: skip
+    return _start(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        SamplingParams(temperature, top_k, top_p, seed),
+        stop_ids,
+        cache_len,
+        pad_id,
+        stream=True,
+    )
 
 
 def generate(
@@ -295,8 +303,16 @@ def generate(
       a `Generation`: a list with the new ids of each prompt, and `finish_reasons`.
     """
     sampling = SamplingParams(temperature, top_k, top_p, seed)
-    stream = _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id,
-                    stream=on_token is not None)  # fmt: skip
+    stream = _start(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        sampling,
+        stop_ids,
+        cache_len,
+        pad_id,
+        stream=on_token is not None,
+    )
     for step in stream:
         for row, tok in enumerate(step):
             if tok is not None:
@@ -342,8 +358,9 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
     arrays = sampling.arrays()
     key = jax.random.key(sampling.seed)
     with sharding.use_mesh(mesh):
-        ds = _prefill(graphdef, state, tokens, mask, stops, arrays, key, cache_len=cache_len,
-                      pad_id=pad_id)  # fmt: skip
+        ds = _prefill(
+            graphdef, state, tokens, mask, stops, arrays, key, cache_len=cache_len, pad_id=pad_id
+        )
 
     result = GenerationStream(iter(()), [[] for _ in range(B)], [None] * B, np.zeros(B, bool))
 
@@ -361,8 +378,9 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
     def run_loop():
         nonlocal ds
         with sharding.use_mesh(mesh):
-            ds = _decode_loop(graphdef, state, ds, stops, arrays, key, np.int32(n_tokens),
-                              pad_id=pad_id)  # fmt: skip
+            ds = _decode_loop(
+                graphdef, state, ds, stops, arrays, key, np.int32(n_tokens), pad_id=pad_id
+            )
         out, stopped, step = jax.device_get((ds.out, ds.stopped, ds.step))
         finish(out, stopped, int(step))
         yield from ()
@@ -456,9 +474,16 @@ def generate_text(
                 raise LlamaError(f"Prompt {i} is empty; give some text to continue.")
         ids = [tokenizer.encode(p, bos=True) for p in items]
     stop = [s for s in (stop or ()) if s]
-    stream = _start(model, ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed),
-                    sorted(tokenizer.stop_ids), cache_len, tokenizer.pad_id,
-                    stream=bool(stop) or on_text is not None)  # fmt: skip
+    stream = _start(
+        model,
+        ids,
+        max_new_tokens,
+        SamplingParams(temperature, top_k, top_p, seed),
+        sorted(tokenizer.stop_ids),
+        cache_len,
+        tokenizer.pad_id,
+        stream=bool(stop) or on_text is not None,
+    )
     decoders = [tokenizer.stream_decoder() for _ in items]
     texts = [""] * len(items)
     sent = [0] * len(items)  # characters already passed to on_text

@@ -99,8 +99,9 @@ def sample(
     def draw(_):
         x = logits / temperature
         # Sorting V logits per step costs; skip it when neither filter is on.
-        x = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda x, k, p: x,
-                         x, top_k, top_p)  # fmt: skip
+        x = jax.lax.cond(
+            (top_k > 0) | (top_p < 1.0), filter_logits, lambda x, k, p: x, x, top_k, top_p
+        )
         return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, greedy, None)

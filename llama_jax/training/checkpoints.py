@@ -22,8 +22,9 @@ def checkpoint_manager(directory: str | Path, tc: TrainConfig):
         enable_async_checkpointing=True,
         create=True,
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_names=("state", "meta"))  # fmt: skip
+    return ocp.CheckpointManager(
+        Path(directory).absolute(), options=options, item_names=("state", "meta")
+    )
 
 
 def save_step(manager, step: int, params, opt_state, meta: dict, force: bool = False) -> bool:

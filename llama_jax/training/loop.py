@@ -50,9 +50,10 @@ def _check_resume(meta: dict, cfg: LlamaConfig, tc: TrainConfig, data_fp: str, w
     saved_cfg = LlamaConfig.from_dict(meta["model_config"]).replace(name=cfg.name)
     if saved_cfg != cfg.replace(name=cfg.name):
         diff = {
-            k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved_cfg).items()
+            k: (v, getattr(cfg, k))
+            for k, v in dataclasses.asdict(saved_cfg).items()
             if getattr(cfg, k) != getattr(saved_cfg, k)
-        }  # fmt: skip
+        }
         raise LlamaError(
             f"The checkpoint in {where} was trained with a different model config "
             f"(field: (saved, now) = {diff}); use the same config to resume, or a new --out."
@@ -200,9 +201,13 @@ def train(
     try:
         for step in range(start + 1, tc.steps + 1):
             host_batch = train_data.batch(
-                step - 1, tc.batch_size, tc.seed, tc.micro_batches,
-                jax.process_index(), jax.process_count(),
-            )  # fmt: skip
+                step - 1,
+                tc.batch_size,
+                tc.seed,
+                tc.micro_batches,
+                jax.process_index(),
+                jax.process_count(),
+            )
             batch = trainer.put_batch(host_batch)
             params, opt_state, m = trainer.step(params, opt_state, batch, step)
             window_steps += 1
@@ -215,10 +220,13 @@ def train(
                 now = time.perf_counter()
                 rate = tokens_per_step * window_steps / (now - window_start) if window_steps else 0
                 entry = {
-                    "step": step, "loss": m["loss"], "lr": float(trainer.schedule(step - 1)),
-                    "grad_norm": m["grad_norm"], "tokens_per_s": rate,
+                    "step": step,
+                    "loss": m["loss"],
+                    "lr": float(trainer.schedule(step - 1)),
+                    "grad_norm": m["grad_norm"],
+                    "tokens_per_s": rate,
                     "mfu": rate / tokens_per_step * flops_per_step / peak,
-                }  # fmt: skip
+                }
                 record(entry)
                 losses[step] = m["loss"]
                 window_start, window_steps = now, 0
@@ -239,8 +247,9 @@ def train(
         else:
             evaluate(tc.steps)
             if manager.latest_step() != tc.steps and start < tc.steps:
-                save_step(manager, tc.steps, params, opt_state, {**meta, "step": tc.steps},
-                      force=True)  # fmt: skip
+                save_step(
+                    manager, tc.steps, params, opt_state, {**meta, "step": tc.steps}, force=True
+                )
         manager.wait_until_finished()
     finally:
         if bar is not None:

@@ -82,8 +82,15 @@ class TrainConfig:
     lora_dropout: float = 0.0  # on the adapters' input; the frozen base sees none
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "micro_batches", "seq_len", "eval_batches", "keep",
-                     "log_every"):  # fmt: skip
+        for name in (
+            "steps",
+            "batch_size",
+            "micro_batches",
+            "seq_len",
+            "eval_batches",
+            "keep",
+            "log_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise LlamaError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
@@ -141,9 +148,13 @@ def decay_mask(params: dict) -> dict:
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with the schedule and the decay mask."""
     adamw = optax.adamw(
-        learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-        weight_decay=tc.weight_decay, mask=decay_mask,
-    )  # fmt: skip
+        learning_rate_schedule(tc),
+        b1=tc.b1,
+        b2=tc.b2,
+        eps=tc.eps,
+        weight_decay=tc.weight_decay,
+        mask=decay_mask,
+    )
     if tc.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw)
     return adamw
@@ -480,8 +491,9 @@ class Trainer:
             sharding = self.eval_sharding
         total = weight = 0.0
         for i in range(self.tc.eval_batches):
-            b = dataset.batch(i, self.tc.batch_size, seed, 1, jax.process_index(),
-                              jax.process_count())  # fmt: skip
+            b = dataset.batch(
+                i, self.tc.batch_size, seed, 1, jax.process_index(), jax.process_count()
+            )
             b = self.put_batch({k: v[0] for k, v in b.items()}, sharding)
             with self._in_mesh():
                 s, n = self._eval(params, b, self._need_base())
@@ -510,8 +522,10 @@ class Trainer:
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
 
         if self.mesh is None:
-            return {"params": jax.tree.map(spec, self.abstract_params),
-                    "opt_state": jax.tree.map(spec, self.abstract_opt_state)}  # fmt: skip
+            return {
+                "params": jax.tree.map(spec, self.abstract_params),
+                "opt_state": jax.tree.map(spec, self.abstract_opt_state),
+            }
         return {
             "params": jax.tree.map(spec, self.abstract_params, self.param_shardings),
             "opt_state": jax.tree.map(spec, self.abstract_opt_state, self.opt_shardings),
