@@ -197,6 +197,22 @@ def _check_prompts(prompt_ids, vocab_size: int, max_len: int) -> list[list[int]]
     return rows
 
 
+def left_pad(rows: list[list[int]], length: int, pad_id: int, vocab_size: int):
+    """Prompts as one left-padded batch: (tokens [B, length] int32, mask [B, length] bool).
+
+    Raises:
+      LlamaError: pad_id is outside the vocabulary.
+    """
+    if not 0 <= pad_id < vocab_size:
+        raise LlamaError(f"pad_id={pad_id} is outside the vocabulary [0, {vocab_size}).")
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, r in enumerate(rows):
+        tokens[i, length - len(r) :] = r
+        mask[i, length - len(r) :] = True
+    return tokens, mask
+
+
 def _stop_table(stop_ids, batch: int) -> np.ndarray:
     """[B, Q] stop ids, -1 padded; `stop_ids` is None, one set for all rows or one per row."""
     if stop_ids is None:
@@ -336,13 +352,7 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
             f"most the model's context ({cfg.max_seq_len})."
         )
     P = min(P, cache_len)
-    if not 0 <= pad_id < cfg.vocab_size:
-        raise LlamaError(f"pad_id={pad_id} is outside the vocabulary [0, {cfg.vocab_size}).")
-    tokens = np.full((B, P), pad_id, np.int32)
-    mask = np.zeros((B, P), bool)
-    for i, r in enumerate(rows):
-        tokens[i, P - len(r) :] = r
-        mask[i, P - len(r) :] = True
+    tokens, mask = left_pad(rows, P, pad_id, cfg.vocab_size)
     # Inputs stay numpy: jit treats them as replicated, on one host or on every host.
     stop_table = _stop_table(stop_ids, B)
     stops = stop_table

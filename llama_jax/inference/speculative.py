@@ -58,6 +58,7 @@ from llama_jax.inference.generate import (
     _stop_table,
     bucket_length,
     default_cache_len,
+    left_pad,
 )
 from llama_jax.inference.sampling import SamplingParams, filter_logits, sample
 from llama_jax.model import KVCache, Transformer
@@ -372,13 +373,7 @@ def speculative_generate(
             f"free slots of the {max_len}-token context; shorten it or lower speculate_k."
         )
     P = min(P, cache_len - k - 1)
-    if not 0 <= pad_id < cfg.vocab_size:
-        raise LlamaError(f"pad_id={pad_id} is outside the vocabulary [0, {cfg.vocab_size}).")
-    tokens = np.full((B, P), pad_id, np.int32)
-    mask = np.zeros((B, P), bool)
-    for i, r in enumerate(rows):
-        tokens[i, P - len(r) :] = r
-        mask[i, P - len(r) :] = True
+    tokens, mask = left_pad(rows, P, pad_id, cfg.vocab_size)
     stop_table = _stop_table(stop_ids, B)
     # A row gains at most as many tokens as the cache gains slots (plus the prefill's).
     n_tokens = min(max_new_tokens, cache_len - P + 1)
