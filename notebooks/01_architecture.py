@@ -55,9 +55,9 @@ from flax import nnx
 
 import llama_jax as lj
 from llama_jax.checkpoint.layout import meta_to_hf_qk
+from llama_jax.model import set_params
 from llama_jax.model.attention import Attention, attend
 from llama_jax.model.layers import FeedForward, RMSNorm, apply_rope, rope_frequencies
-from llama_jax.model.transformer import set_params
 
 # float32 matmuls at full precision, so "equal" below means equal to rounding.
 jax.config.update("jax_default_matmul_precision", "highest")

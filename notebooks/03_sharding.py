@@ -160,6 +160,8 @@ print(f"{'parameter':29s} {'logical axes':37s}", " ".join(f"{m:16s}" for m in ME
 for path, axes in sh.PARAM_AXES.items():
     if path == ("output",) and cfg.tie_word_embeddings:
         continue
+    if {"values", "scale", "base", "lora_a", "lora_b"} & set(path):
+        continue  # the leaves of int8 weights and LoRA adapters, not of this model
     leaf = leaf_of(path)
     specs = [short(sh.logical_to_spec(axes, leaf.shape, m), leaf.ndim) for m in MESHES.values()]
     print(f"{'/'.join(path):29s} {' '.join(axes):37s}", " ".join(f"{x:16s}" for x in specs))

@@ -51,7 +51,7 @@ from flax import nnx
 import llama_jax as lj
 from llama_jax.examples import notebook_checkpoint
 from llama_jax.inference.sampling import filter_logits, sample
-from llama_jax.perf import PEAK_FLOPS, peak_flops
+from llama_jax.perf import PEAK_FLOPS, forward_flops_per_token, peak_flops
 from llama_jax.tokenizer import train_sentencepiece
 
 CHECKPOINT = notebook_checkpoint()  # the trained model, a directory you chose, or None
@@ -189,7 +189,7 @@ print("To see: GQA (solid) divides the cache by N/K; at 8192 tokens the cache of
 # A decode step produces one token for each of B sequences. It must read every weight
 # once (W bytes) and each sequence's whole cache (B x KV bytes), and it does about
 # 2 x P FLOPs per sequence (one multiply-add per weight; attention adds 4 x L x context
-# x N x H, included below through `cfg.flops_per_token`). A chip moves bytes at its memory
+# x N x H, included below through `perf.forward_flops_per_token`). A chip moves bytes at its memory
 # bandwidth and does FLOPs at its peak rate, so a step takes at least
 #
 #     time = max( (W + B x KV) / bandwidth ,  B x FLOPs per token / FLOP rate ).
@@ -217,13 +217,13 @@ def step_time(c, batch, context, flops, bandwidth, bytes_per=2):
     """(memory time, compute time) of one decode step, in seconds."""
     weights = c.num_params() * bytes_per
     memory = (weights + batch * kv_bytes_per_token(c, bytes_per) * context) / bandwidth
-    compute = batch * c.flops_per_token(context) / flops
+    compute = batch * forward_flops_per_token(c, context) / flops
     return memory, compute
 
 
 def critical_batch(c, context, flops, bandwidth, bytes_per=2):
     """B where the weight reads take as long as the FLOPs (the KV term left out)."""
-    return c.num_params() * bytes_per / bandwidth / (c.flops_per_token(context) / flops)
+    return c.num_params() * bytes_per / bandwidth / (forward_flops_per_token(c, context) / flops)
 
 
 PRESET, CONTEXT = "llama3.1-8b", 8192

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import llama_jax as lj
-from llama_jax.perf import PEAK_FLOPS
+from llama_jax.perf import PEAK_FLOPS, forward_flops_per_token
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -93,7 +93,7 @@ def test_decode_cost_model_numbers():
     # The cache of one 8192-token sequence overtakes the weights at batch 15 (GQA).
     assert weights / (kv_bytes_per_token(c) * 8192) == pytest.approx(14.96, abs=0.01)
     # Weights-only critical batch on an H100: rate / bandwidth, up to the embedding.
-    b_star = weights / 3.35e12 / (c.flops_per_token(0) / PEAK_FLOPS["NVIDIA H100"])
+    b_star = weights / 3.35e12 / (forward_flops_per_token(c, 0) / PEAK_FLOPS["NVIDIA H100"])
     assert 295 < b_star < 320
     # 32 sequences of 8192 tokens for Llama 3.1 70B: 85.9 GB of cache, two H100s' worth.
     assert kv_bytes_per_token(lj.PRESETS["llama3.1-70b"]) * 8192 * 32 / 1e9 == pytest.approx(
