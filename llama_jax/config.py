@@ -220,142 +220,53 @@ class LlamaConfig:
         return cls(**data)
 
 
-def _llama1(name: str, dim: int, n_layers: int, n_heads: int) -> LlamaConfig:
-    return LlamaConfig(
-        name=name,
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        vocab_size=32000,
-        multiple_of=256,
-        norm_eps=1e-6,
-        max_seq_len=2048,
-    )
+# What each release shares; a preset adds its width D, depth L, heads N and FFN rule.
+_LLAMA1 = dict(vocab_size=32000, norm_eps=1e-6, max_seq_len=2048)  # MHA, 2k context
+_LLAMA2 = dict(vocab_size=32000, norm_eps=1e-5, max_seq_len=4096)  # 4k context
+_LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, norm_eps=1e-5, rope_theta=500000.0)
+_LLAMA31 = dict(_LLAMA3, rope_scaling=RopeScaling(factor=8.0), max_seq_len=131072)
+_LLAMA32 = dict(_LLAMA31, rope_scaling=RopeScaling(factor=32.0), tie_word_embeddings=True)
+_TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
 
 
-def _llama2(name: str, dim: int, n_layers: int, n_heads: int, **kw: Any) -> LlamaConfig:
-    kw.setdefault("multiple_of", 256)
-    return LlamaConfig(
-        name=name,
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        vocab_size=32000,
-        norm_eps=1e-5,
-        max_seq_len=4096,
-        **kw,
-    )
+def _preset(name, release, dim, n_layers, n_heads, multiple_of, ffn_mult, **kw) -> LlamaConfig:
+    fields = dict(release, multiple_of=multiple_of, ffn_dim_multiplier=ffn_mult, **kw)
+    return LlamaConfig(name=name, dim=dim, n_layers=n_layers, n_heads=n_heads, **fields)
 
-
-def _llama3(name: str, dim: int, n_layers: int, n_heads: int, **kw: Any) -> LlamaConfig:
-    kw.setdefault("n_kv_heads", 8)
-    kw.setdefault("max_seq_len", 8192)
-    return LlamaConfig(
-        name=name,
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        vocab_size=128256,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-        **kw,
-    )
-
-
-_LLAMA31_SCALING = RopeScaling(factor=8.0)
-_LLAMA32_SCALING = RopeScaling(factor=32.0)
 
 PRESETS: dict[str, LlamaConfig] = {
     c.name: c
     for c in [
+        # _preset(name, release, D, L, N, multiple_of, ffn_dim_multiplier, **other fields)
         # Llama 1 (Feb 2023): MHA, 2k context, norm eps 1e-6.
-        _llama1("llama1-7b", 4096, 32, 32),
-        _llama1("llama1-13b", 5120, 40, 40),
-        _llama1("llama1-33b", 6656, 60, 52),
-        _llama1("llama1-65b", 8192, 80, 64),
+        _preset("llama1-7b", _LLAMA1, 4096, 32, 32, 256, None),
+        _preset("llama1-13b", _LLAMA1, 5120, 40, 40, 256, None),
+        _preset("llama1-33b", _LLAMA1, 6656, 60, 52, 256, None),
+        _preset("llama1-65b", _LLAMA1, 8192, 80, 64, 256, None),
         # Llama 2 (Jul 2023): 4k context; 70B adds GQA with 8 KV heads.
-        _llama2("llama2-7b", 4096, 32, 32),
-        _llama2("llama2-13b", 5120, 40, 40),
-        _llama2("llama2-70b", 8192, 80, 64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
+        _preset("llama2-7b", _LLAMA2, 4096, 32, 32, 256, None),
+        _preset("llama2-13b", _LLAMA2, 5120, 40, 40, 256, None),
+        _preset("llama2-70b", _LLAMA2, 8192, 80, 64, 4096, 1.3, n_kv_heads=8),
         # Llama 3 (Apr 2024): 128k-token tiktoken vocabulary, GQA everywhere, theta 5e5.
-        _llama3("llama3-8b", 4096, 32, 32, multiple_of=1024, ffn_dim_multiplier=1.3),
-        _llama3("llama3-70b", 8192, 80, 64, multiple_of=4096, ffn_dim_multiplier=1.3),
+        _preset("llama3-8b", _LLAMA3, 4096, 32, 32, 1024, 1.3, max_seq_len=8192),
+        _preset("llama3-70b", _LLAMA3, 8192, 80, 64, 4096, 1.3, max_seq_len=8192),
         # Llama 3.1 (Jul 2024): 128k context through rope scaling (factor 8).
-        _llama3(
-            "llama3.1-8b",
-            4096,
-            32,
-            32,
-            multiple_of=1024,
-            ffn_dim_multiplier=1.3,
-            rope_scaling=_LLAMA31_SCALING,
-            max_seq_len=131072,
-        ),
-        _llama3(
-            "llama3.1-70b",
-            8192,
-            80,
-            64,
-            multiple_of=4096,
-            ffn_dim_multiplier=1.3,
-            rope_scaling=_LLAMA31_SCALING,
-            max_seq_len=131072,
-        ),
-        _llama3(
-            "llama3.1-405b",
-            16384,
-            126,
-            128,
-            multiple_of=4096,
-            ffn_dim_multiplier=1.2,
-            rope_scaling=_LLAMA31_SCALING,
-            max_seq_len=131072,
-        ),
+        _preset("llama3.1-8b", _LLAMA31, 4096, 32, 32, 1024, 1.3),
+        _preset("llama3.1-70b", _LLAMA31, 8192, 80, 64, 4096, 1.3),
+        _preset("llama3.1-405b", _LLAMA31, 16384, 126, 128, 4096, 1.2),
         # Llama 3.2 (Sep 2024): small text models with tied embeddings, scaling factor 32.
-        _llama3(
-            "llama3.2-1b",
-            2048,
-            16,
-            32,
-            multiple_of=256,
-            ffn_dim_multiplier=1.5,
-            rope_scaling=_LLAMA32_SCALING,
-            max_seq_len=131072,
-            tie_word_embeddings=True,
-        ),
-        _llama3(
-            "llama3.2-3b",
-            3072,
-            28,
-            24,
-            multiple_of=256,
-            ffn_dim_multiplier=1.0,
-            rope_scaling=_LLAMA32_SCALING,
-            max_seq_len=131072,
-            tie_word_embeddings=True,
-        ),
+        _preset("llama3.2-1b", _LLAMA32, 2048, 16, 32, 256, 1.5),
+        _preset("llama3.2-3b", _LLAMA32, 3072, 28, 24, 256, 1.0),
         # Tiny models for tests, notebooks and the quickstart; same code paths, any laptop.
-        LlamaConfig(
-            name="tiny",
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            vocab_size=256,
-            ffn_dim=128,
-            max_seq_len=256,
-        ),
+        LlamaConfig(name="tiny", vocab_size=256, ffn_dim=128, max_seq_len=256, **_TINY),
         LlamaConfig(
             name="tiny-llama3",
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
             vocab_size=512,
             ffn_dim=160,
             rope_theta=500000.0,
             max_seq_len=512,
             rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=64),
+            **_TINY,
         ),
         # A 134M-parameter model for the benchmarks: big enough to be bandwidth-bound.
         LlamaConfig(
