@@ -163,3 +163,42 @@ def test_unknown_attention_kernel_or_remat_is_refused():
         lj.Transformer(CONFIGS["mha"], rngs=__import__("flax").nnx.Rngs(0), attention="flash")
     with pytest.raises(lj.LlamaError, match="remat='some' is not one of"):
         lj.build_model(CONFIGS["mha"], remat="some")
+
+
+def test_weight_order_renames_the_weight_letters_in_storage_order():
+    from llama_jax.model.layers import weight_order
+
+    assert weight_order("BTNH,NHD->BTD") == "BTab,abc->BTc"
+    assert weight_order("BTD,DNH->BTNH") == "BTa,abc->BTbc"
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
+    w = np.random.default_rng(1).standard_normal((4, 5, 6))
+    np.testing.assert_allclose(
+        jnp.einsum(weight_order("BTNH,NHD->BTD"), x, w), np.einsum("btnh,nhd->btd", x, w), 1e-5
+    )
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_decode_step_reads_every_weight_where_it_lies(quantize, batch):
+    """The compiled decode step makes no transposed copy of a weight (wo is [N, H, D])."""
+    from flax import nnx
+
+    from llama_jax.inference.int8 import quantize as quantize_model
+
+    cfg = lj.LlamaConfig(dim=96, n_layers=2, n_heads=4, vocab_size=64, ffn_dim=80, max_seq_len=32)
+    model = lj.build_model(cfg, seed=0)
+    if quantize:
+        quantize_model(model)
+    graphdef, state = nnx.split(model)
+
+    def step(state, cache, tokens, positions):
+        return nnx.merge(graphdef, state)(tokens, positions, None, cache)
+
+    cache = model.init_cache(batch, 32)
+    tokens = jnp.ones((batch, 1), jnp.int32)
+    hlo = jax.jit(step).lower(state, cache, tokens, tokens).compile().as_text()
+    N, H, D = cfg.n_heads, cfg.head_dim, cfg.dim
+    assert f"f32[{N},{H},{D}]" in hlo or f"s8[{N},{H},{D}]" in hlo  # wo itself is there
+    for transposed in [(H, N, D), (D, H, N)]:  # wo or wq with its head axes swapped
+        shape = ",".join(map(str, transposed))
+        assert f"[{shape}]" not in hlo, f"a transposed copy of wo, shaped [{shape}]"

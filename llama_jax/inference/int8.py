@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from llama_jax.errors import LlamaError
+from llama_jax.model.layers import weight_order
 from llama_jax.sharding.rules import PARAM_AXES, QUANTIZED_OUTPUT_AXES, logical_sharding
 
 METHODS = ("int8",)
@@ -82,7 +83,7 @@ class Int8Weight(nnx.Module):
                 f"scales cover its last {self.scale.ndim} axes."
             )
         y = jnp.einsum(
-            spec,
+            weight_order(spec),  # contract in the weight's storage order: no transposed copy
             x.astype(dtype),
             self.values[...].astype(dtype),
             preferred_element_type=jnp.float32,

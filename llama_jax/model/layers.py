@@ -36,8 +36,25 @@ def linear(spec: str, x: jax.Array, w, dtype, out_dtype=None) -> jax.Array:
     """
     if isinstance(w, nnx.Module):
         return w(spec, x, dtype, out_dtype)
-    y = jnp.einsum(spec, x.astype(dtype), w[...].astype(dtype), preferred_element_type=out_dtype)
+    y = jnp.einsum(
+        weight_order(spec), x.astype(dtype), w[...].astype(dtype), preferred_element_type=out_dtype
+    )
     return y if out_dtype is None else y.astype(out_dtype)
+
+
+def weight_order(spec: str) -> str:
+    """The same einsum with the weight's letters renamed a, b, c, ... in its axis order.
+
+    `jnp.einsum` contracts the shared axes in the alphabetical order of their letters,
+    and XLA lays both operands out in that order before multiplying. For wo's
+    "BTNH,NHD->BTD" that order is (H, N): a transposed copy of the weight on every call.
+    Renamed ("BTab,abc->BTc") the contraction follows the weight's storage order, and
+    the weight is read where it lies.
+    """
+    inputs, out = spec.split("->")
+    _, w_letters = inputs.split(",")
+    rename = str.maketrans(w_letters, "abcdefgh"[: len(w_letters)])
+    return spec.translate(rename)
 
 
 class RMSNorm(nnx.Module):

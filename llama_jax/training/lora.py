@@ -41,7 +41,7 @@ from flax import nnx
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
-from llama_jax.model.layers import linear
+from llama_jax.model.layers import linear, weight_order
 
 # The projections an adapter can wrap: name -> (the block's sub-module holding it, the
 # number of leading input dims of its weight). wo is [N, H, D]: two input dims.
@@ -125,7 +125,7 @@ class LoRA(nnx.Module):
             keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         xa = jnp.einsum(
-            spec_a,
+            weight_order(spec_a),
             x.astype(dtype),
             self.lora_a[...].astype(dtype),
             preferred_element_type=jnp.float32,
