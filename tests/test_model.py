@@ -202,3 +202,27 @@ def test_a_decode_step_reads_every_weight_where_it_lies(quantize, batch):
     for transposed in [(H, N, D), (D, H, N)]:  # wo or wq with its head axes swapped
         shape = ",".join(map(str, transposed))
         assert f"[{shape}]" not in hlo, f"a transposed copy of wo, shaped [{shape}]"
+
+
+def test_a_batch_1_decode_step_copies_at_most_the_value_cache():
+    """Keys first in the scores product: XLA's CPU backend copies no key cache at batch 1.
+
+    (It still copies each layer's value cache at batch 1; docs/performance.md says why.)
+    """
+    import re
+
+    from flax import nnx
+
+    cfg = lj.LlamaConfig(dim=96, n_layers=2, n_heads=4, vocab_size=64, ffn_dim=80, max_seq_len=32)
+    model = lj.build_model(cfg, seed=0)
+    graphdef, state = nnx.split(model)
+
+    def step(state, cache, tokens, positions):
+        return nnx.merge(graphdef, state)(tokens, positions, None, cache)
+
+    cache = model.init_cache(1, 32)
+    tokens = jnp.ones((1, 1), jnp.int32)
+    hlo = jax.jit(step, donate_argnums=1).lower(state, cache, tokens, tokens).compile().as_text()
+    shape = f"f32[1,{cfg.kv_heads},32,{cfg.head_dim}]"
+    copies = len(re.findall(re.escape(shape) + r"\{3,2,1,0\} copy\(", hlo))
+    assert copies <= 4 * cfg.n_layers, copies  # 8 per layer with the queries first
