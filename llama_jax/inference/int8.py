@@ -10,7 +10,11 @@ because every output channel shares one scale, which therefore comes out of the 
 the input axes. The cast of `values` feeds the matmul directly, so XLA can fuse the
 dequantisation into it where the backend allows, and the scales touch only the product,
 not the weight. Weights take a quarter of float32's memory (half of bfloat16's), which
-is what batch-1 decoding is bound by.
+is what batch-1 decoding is bound by. Whether the cast is fused is the compiler's choice:
+XLA's GPU backend fuses it into the product; its CPU backend writes the converted weight
+out, and inside `generate`'s decode loop lifts those conversions out of the loop, so on
+the CPU an int8 model decodes from float32 copies made once per call
+(docs/performance.md).
 
 Opt-in, outside the model's reading path: `quantize(model)` replaces the projection
 weights (wq, wk, wv, wo, w1, w2, w3 and an untied `output`) by `Int8Weight` modules,
