@@ -177,15 +177,12 @@ def test_weight_order_renames_the_weight_letters_in_storage_order():
     )
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_a_decode_step_reads_every_weight_where_it_lies(quantize, batch):
-    """The compiled decode step makes no transposed copy of a weight (wo is [N, H, D])."""
+def decode_step_hlo(cfg, batch: int, quantize=None) -> str:
+    """The optimised HLO of one cached decode step of a random model, cache donated."""
     from flax import nnx
 
     from llama_jax.inference.int8 import quantize as quantize_model
 
-    cfg = lj.LlamaConfig(dim=96, n_layers=2, n_heads=4, vocab_size=64, ffn_dim=80, max_seq_len=32)
     model = lj.build_model(cfg, seed=0)
     if quantize:
         quantize_model(model)
@@ -194,10 +191,22 @@ def test_a_decode_step_reads_every_weight_where_it_lies(quantize, batch):
     def step(state, cache, tokens, positions):
         return nnx.merge(graphdef, state)(tokens, positions, None, cache)
 
-    cache = model.init_cache(batch, 32)
+    cache = model.init_cache(batch, cfg.max_seq_len)
     tokens = jnp.ones((batch, 1), jnp.int32)
-    hlo = jax.jit(step).lower(state, cache, tokens, tokens).compile().as_text()
-    N, H, D = cfg.n_heads, cfg.head_dim, cfg.dim
+    return jax.jit(step, donate_argnums=1).lower(state, cache, tokens, tokens).compile().as_text()
+
+
+LAYOUT_CFG = lj.LlamaConfig(
+    dim=96, n_layers=2, n_heads=4, vocab_size=64, ffn_dim=80, max_seq_len=32
+)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_decode_step_reads_every_weight_where_it_lies(quantize, batch):
+    """The compiled decode step makes no transposed copy of a weight (wo is [N, H, D])."""
+    hlo = decode_step_hlo(LAYOUT_CFG, batch, quantize)
+    N, H, D = LAYOUT_CFG.n_heads, LAYOUT_CFG.head_dim, LAYOUT_CFG.dim
     assert f"f32[{N},{H},{D}]" in hlo or f"s8[{N},{H},{D}]" in hlo  # wo itself is there
     for transposed in [(H, N, D), (D, H, N)]:  # wo or wq with its head axes swapped
         shape = ",".join(map(str, transposed))
@@ -211,18 +220,8 @@ def test_a_batch_1_decode_step_copies_at_most_the_value_cache():
     """
     import re
 
-    from flax import nnx
-
-    cfg = lj.LlamaConfig(dim=96, n_layers=2, n_heads=4, vocab_size=64, ffn_dim=80, max_seq_len=32)
-    model = lj.build_model(cfg, seed=0)
-    graphdef, state = nnx.split(model)
-
-    def step(state, cache, tokens, positions):
-        return nnx.merge(graphdef, state)(tokens, positions, None, cache)
-
-    cache = model.init_cache(1, 32)
-    tokens = jnp.ones((1, 1), jnp.int32)
-    hlo = jax.jit(step, donate_argnums=1).lower(state, cache, tokens, tokens).compile().as_text()
-    shape = f"f32[1,{cfg.kv_heads},32,{cfg.head_dim}]"
+    cfg = LAYOUT_CFG
+    hlo = decode_step_hlo(cfg, 1)
+    shape = f"f32[1,{cfg.kv_heads},{cfg.max_seq_len},{cfg.head_dim}]"
     copies = len(re.findall(re.escape(shape) + r"\{3,2,1,0\} copy\(", hlo))
     assert copies <= 4 * cfg.n_layers, copies  # 8 per layer with the queries first
