@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import llama_jax as lj
 from llama_jax.checkpoint.store import save
-from llama_jax.inference import int8
+from llama_jax.inference import int8, int8_cpu
 from llama_jax.sharding import make_mesh, param_shardings
 from llama_jax.sharding.rules import QUANTIZED_OUTPUT_AXES
 
@@ -107,6 +109,11 @@ def test_round_trip_error_is_at_most_half_a_step():
         ("BTNH,NHD->BTD", (3, 4, 8), (2, 5, 3, 4)),
         ("BTD,DF->BTF", (8, 6), (2, 5, 8)),
         ("BTD,DNH->BNTH", (8, 3, 4), (2, 5, 8)),  # output channels apart in the result
+        # At most int8_cpu.MAX_ROWS rows: on the CPU the kernel computes these.
+        ("BTD,DNH->BTNH", (8, 3, 4), (1, 1, 8)),
+        ("BTNH,NHD->BTD", (3, 4, 8), (1, 3, 3, 4)),
+        ("BTD,DF->BTF", (8, 6), (2, 2, 8)),
+        ("BTD,DNH->BNTH", (8, 3, 4), (1, 1, 8)),
     ],
 )
 def test_int8_product_is_the_product_with_the_dequantized_weight(spec, w_shape, x_shape):
@@ -337,3 +344,72 @@ def test_int8_quality_on_smollm2(smollm2):
         f"perplexity {ppl_f32:.3f} (float32) {ppl_int8:.3f} (int8) {ppl_bf16:.3f} (bfloat16), "
         f"bfloat16 agreement {agree_bf16.sum()}/{len(ids)}"
     )
+
+
+# --------------------------------------------------------------------------- the CPU kernel
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    k=st.integers(1, 300),
+    n=st.integers(1, 600),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_kernel_equals_xla_product(rows, k, n, seed):
+    """The C++ kernel against XLA's (x @ values) * scale, across its row and column tiles."""
+    assert int8_cpu.available()
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+    values = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-1, n), jnp.float32)
+    got = jax.jit(int8_cpu.int8_matmul)(x, values, scale)
+    want = jnp.dot(x, values.astype(jnp.float32), precision="highest") * scale
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_cpu_kernel_gradients_equal_xla_gradients():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 40)), jnp.float32)
+    values = jnp.asarray(rng.integers(-127, 128, (40, 70)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-1, 70), jnp.float32)
+
+    def loss(product):
+        return lambda x, s: jnp.sum(jnp.sin(product(x, values, s)))
+
+    reference = lambda x, v, s: jnp.dot(x, v.astype(jnp.float32), precision="highest") * s
+    got = jax.grad(loss(int8_cpu.int8_matmul), (0, 1))(x, scale)
+    want = jax.grad(loss(reference), (0, 1))(x, scale)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+
+
+@pytest.mark.parametrize("batch, kernel", [(1, True), (int8_cpu.MAX_ROWS + 1, False)])
+def test_a_cpu_decode_step_reads_the_int8_weights(batch, kernel):
+    """Few rows: the kernel reads int8 values; no float copy of a weight is made."""
+    from tests.test_model import LAYOUT_CFG, decode_step_hlo
+
+    hlo = decode_step_hlo(LAYOUT_CFG, batch, "int8")
+    assert (int8_cpu.TARGET in hlo) == kernel
+    D, F = LAYOUT_CFG.dim, LAYOUT_CFG.ffn_hidden_dim
+    float_w1 = f"f32[{D},{F}]{{1,0}} convert("  # w1's int8 values converted to float32
+    assert (float_w1 in hlo) != kernel
+
+
+def test_without_a_compiler_int8_products_use_xla(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LLAMA_JAX_CACHE", str(tmp_path))
+    int8_cpu.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU int8 kernel is not available"):
+            assert not int8_cpu.available()
+        weight = int8.Int8Weight(
+            *int8.quantize_array(jnp.ones((8, 6)), ("layers", "feed_forward", "w1"))
+        )
+        x = jnp.ones((1, 1, 8))
+        np.testing.assert_allclose(
+            weight("BTD,DF->BTF", x, jnp.float32), jnp.einsum("BTD,DF->BTF", x, weight.dequantize())
+        )
+        assert not list(tmp_path.glob("kernels/*"))  # nothing half-written left behind
+    finally:
+        int8_cpu.available.cache_clear()

@@ -12,9 +12,10 @@ dequantisation into it where the backend allows, and the scales touch only the p
 not the weight. Weights take a quarter of float32's memory (half of bfloat16's), which
 is what batch-1 decoding is bound by. Whether the cast is fused is the compiler's choice:
 XLA's GPU backend fuses it into the product; its CPU backend writes the converted weight
-out, and inside `generate`'s decode loop lifts those conversions out of the loop, so on
-the CPU an int8 model decodes from float32 copies made once per call
-(docs/performance.md).
+out (and inside `generate`'s decode loop lifts those conversions out of the loop, which
+would leave an int8 model decoding from float32 copies). So on the CPU, products of a
+few rows go to a small kernel that reads the int8 values itself
+(`llama_jax.inference.int8_cpu`, computed in float32); wider ones stay with XLA.
 
 Opt-in, outside the model's reading path: `quantize(model)` replaces the projection
 weights (wq, wk, wv, wo, w1, w2, w3 and an untied `output`) by `Int8Weight` modules,
@@ -31,6 +32,7 @@ w1, w3 [D, F] -> F; w2 [F, D] -> D; output [D, V] -> V.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from llama_jax.errors import LlamaError
+from llama_jax.inference import int8_cpu
 from llama_jax.model.layers import weight_order
 from llama_jax.sharding.rules import PARAM_AXES, QUANTIZED_OUTPUT_AXES, logical_sharding
 
@@ -86,6 +89,19 @@ class Int8Weight(nnx.Module):
                 f"Int8Weight: einsum {spec!r} does not fit a weight {self.shape} whose "
                 f"scales cover its last {self.scale.ndim} axes."
             )
+        n_in = self.values.ndim - self.scale.ndim
+        rows = math.prod(x.shape[: x.ndim - n_in])
+        plain = x_letters.endswith(w_letters[:n_in]) and out == x_letters[:-n_in] + out_letters
+        if plain and rows <= int8_cpu.MAX_ROWS and int8_cpu.wanted():
+            # A few rows on the CPU: the kernel reads the int8 values (module docstring).
+            k, n = math.prod(self.values.shape[:n_in]), math.prod(self.scale.shape)
+            y = int8_cpu.int8_matmul(
+                x.astype(jnp.float32).reshape(rows, k),
+                self.values[...].reshape(k, n),
+                self.scale[...].reshape(n),
+            )
+            y = y.reshape(*x.shape[: x.ndim - n_in], *self.scale.shape)
+            return y.astype(out_dtype or dtype)
         y = jnp.einsum(
             weight_order(spec),  # contract in the weight's storage order: no transposed copy
             x.astype(dtype),
