@@ -170,6 +170,7 @@ def test_weight_order_renames_the_weight_letters_in_storage_order():
 
     assert weight_order("BTNH,NHD->BTD") == "BTab,abc->BTc"
     assert weight_order("BTD,DNH->BTNH") == "BTa,abc->BTbc"
+    assert weight_order("bTD,DF->bTF") == "bTa,ac->bTc"  # new letters never clash
     x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
     w = np.random.default_rng(1).standard_normal((4, 5, 6))
     np.testing.assert_allclose(

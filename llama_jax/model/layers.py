@@ -51,10 +51,9 @@ def weight_order(spec: str) -> str:
     Renamed ("BTab,abc->BTc") the contraction follows the weight's storage order, and
     the weight is read where it lies.
     """
-    inputs, out = spec.split("->")
-    _, w_letters = inputs.split(",")
-    rename = str.maketrans(w_letters, "abcdefgh"[: len(w_letters)])
-    return spec.translate(rename)
+    w_letters = spec.split("->")[0].split(",")[1]
+    unused = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec]
+    return spec.translate(str.maketrans(w_letters, "".join(unused[: len(w_letters)])))
 
 
 class RMSNorm(nnx.Module):
