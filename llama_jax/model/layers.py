@@ -43,13 +43,11 @@ def linear(spec: str, x: jax.Array, w, dtype, out_dtype=None) -> jax.Array:
 
 
 def weight_order(spec: str) -> str:
-    """The same einsum with the weight's letters renamed a, b, c, ... in its axis order.
+    """The einsum with the weight's letters renamed in axis order ("BTab,abc->BTc" for wo).
 
-    `jnp.einsum` contracts the shared axes in the alphabetical order of their letters,
-    and XLA lays both operands out in that order before multiplying. For wo's
-    "BTNH,NHD->BTD" that order is (H, N): a transposed copy of the weight on every call.
-    Renamed ("BTab,abc->BTc") the contraction follows the weight's storage order, and
-    the weight is read where it lies.
+    `jnp.einsum` contracts shared axes in the alphabetical order of their letters and XLA
+    lays both operands out in that order: for wo that is (H, N), a transposed copy of the
+    weight on every call. Renamed, the weight is read where it lies.
     """
     w_letters = spec.split("->")[0].split(",")[1]
     unused = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec]
