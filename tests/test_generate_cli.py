@@ -28,9 +28,9 @@ def checkpoint(tmp_path_factory):
     return root / "ckpt", model, tok
 
 
-def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
-    path, model, tok = checkpoint
-    argv = [
+def greedy_argv(path, new_tokens: int, *flags: str) -> list[str]:
+    """`llama-jax generate` on "the llama", greedy, with extra flags."""
+    return [
         "generate",
         "--checkpoint",
         str(path),
@@ -39,9 +39,14 @@ def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
         "--temperature",
         "0",
         "--max-new-tokens",
-        "12",
+        str(new_tokens),
+        *flags,
     ]
-    assert main(argv) == 0
+
+
+def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
+    path, model, tok = checkpoint
+    assert main(greedy_argv(path, 12)) == 0
     out = capsys.readouterr().out
     pieces = []
     want = generate_text(model, tok, "the llama", 12, on_text=lambda row, t: pieces.append(t))

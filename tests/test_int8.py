@@ -233,6 +233,7 @@ def test_generate_command_with_quantize(tmp_path, capsys):
     from llama_jax.cli import main
     from llama_jax.inference.generate import generate_text
     from llama_jax.tokenizer import train_sentencepiece
+    from tests.test_generate_cli import greedy_argv
 
     words = "the llama ate grass while alpacas watched the quiet hills at dawn".split()
     rng = np.random.default_rng(0)
@@ -243,20 +244,7 @@ def test_generate_command_with_quantize(tmp_path, capsys):
         tmp_path / "ckpt",
         tokenizer=str(tmp_path / "tokenizer.model"),
     )
-    argv = [
-        "generate",
-        "--checkpoint",
-        str(path),
-        "--prompt",
-        "the llama",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "6",
-        "--quantize",
-        "int8",
-    ]
-    assert main(argv) == 0
+    assert main(greedy_argv(path, 6, "--quantize", "int8")) == 0
     want = generate_text(lj.load(path, quantize="int8"), tok, "the llama", 6)
     assert capsys.readouterr().out == "the llama" + want + "\n"
 

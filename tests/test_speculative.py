@@ -243,7 +243,7 @@ def test_sampled_tokens_follow_the_target_distribution(temperature, top_k, top_p
 
 # -- the command line and a real trained model -----------------------------------------------------
 
-from tests.test_generate_cli import checkpoint  # noqa: E402, F401  (a tiny saved checkpoint)
+from tests.test_generate_cli import checkpoint, greedy_argv  # noqa: E402, F401  (a tiny saved checkpoint)
 
 
 def test_generate_command_with_a_draft(checkpoint, capsys):  # noqa: F811
@@ -253,21 +253,7 @@ def test_generate_command_with_a_draft(checkpoint, capsys):  # noqa: F811
     path, model, tok = checkpoint
     want = generate_text(model, tok, "the llama", 12)
     for flags in (["--draft-layers", "1"], ["--draft", str(path)]):
-        argv = [
-            "generate",
-            "--checkpoint",
-            str(path),
-            "--prompt",
-            "the llama",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "12",
-            "--speculate",
-            "2",
-            *flags,
-        ]
-        assert main(argv) == 0
+        assert main(greedy_argv(path, 12, "--speculate", "2", *flags)) == 0
         captured = capsys.readouterr()
         assert captured.out == "the llama" + want + "\n"
         assert "accepted" in captured.err
