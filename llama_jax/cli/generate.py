@@ -174,24 +174,15 @@ def run(args) -> int:
 
     if show and single and not args.chat:
         sys.stdout.write(args.prompt[0])
+    # The same generation settings on both paths: token budget, sampling, seed, options.
+    sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    options = dict(chat=args.chat, stop=args.stop, cache_len=args.cache_len)
     start = time.perf_counter()
     if draft is not None:
         from llama_jax.inference.speculative import speculative_generate_text
 
         texts, reasons, rate = speculative_generate_text(
-            model,
-            draft,
-            tokenizer,
-            prompts,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            chat=args.chat,
-            stop=args.stop,
-            speculate_k=args.speculate,
-            cache_len=args.cache_len,
+            model, draft, tokenizer, prompts, *sampling, speculate_k=args.speculate, **options
         )
         if show:
             if single and not args.chat:
@@ -206,16 +197,10 @@ def run(args) -> int:
             model,
             tokenizer,
             prompts,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            chat=args.chat,
-            stop=args.stop,
-            cache_len=args.cache_len,
+            *sampling,
             on_text=on_text if show and single else None,
             return_finish_reasons=True,
+            **options,
         )
     seconds = time.perf_counter() - start
     if show:
