@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # `python benchmarks/gpu.py`: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -135,12 +135,38 @@ def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
     return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
 
 
+def int8_decode(model, prompt, new, roof, repeats, base: dict, rows=(1, 8)) -> dict:
+    """Quantize `model` in place to int8, then decode at each batch size in `rows`."""
+    from llama_jax.inference.int8 import quantize
+
+    quantize(model)  # in place, one weight at a time
+    out = {}
+    for b in rows:
+        d = decode(model, b, prompt, new, roof, repeats)
+        out[b] = {**d, "vs_bfloat16": d["tokens_per_s"] / base[b]["tokens_per_s"]}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for benchmark_gpu.json")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on any backend")
+    p.add_argument(
+        "--int8-tiles",
+        metavar="JSON",
+        help="benchmark_gpu_int8.json from benchmarks/gpu_int8.py: decode int8 with its "
+        "chosen tiles instead of the library's",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        metavar="S",
+        help="skip the figures not yet started once S seconds have passed (0: no limit)",
+    )
     args = p.parse_args(argv)
     smoke = args.smoke
+    start = time.perf_counter()
     device = jax.devices()[0]
     if device.platform != "gpu" and not smoke:
         print(
@@ -148,7 +174,13 @@ def main(argv=None) -> int:
             "jax[cuda12] on a CUDA machine, or pass --smoke to check the script."
         )
         return 2
+    if args.int8_tiles:
+        from llama_jax.inference import int8_gpu
+
+        with open(args.int8_tiles) as f:
+            int8_gpu.TILES = int8_gpu.Tiles(**json.load(f)["chosen"])
     base = lj.get_preset("tiny" if smoke else "llama3.2-1b")
+    big = lj.get_preset("tiny" if smoke else "llama3.1-8b")
     cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16")
     batch, seq = (2, 64) if smoke else (4, 2048)
     prompt, new = (16, 9) if smoke else (128, 65)
@@ -164,7 +196,9 @@ def main(argv=None) -> int:
         preset=base.name,
         parameters=count_params(lj.abstract_model(cfg)),
     )
-    results: dict = {"machine": record}
+    if args.int8_tiles:
+        record["int8_tiles"] = dataclasses.asdict(int8_gpu.TILES)
+    results: dict = {"machine": record, "skipped": []}
     table = []
 
     os.makedirs(args.out, exist_ok=True)
@@ -172,55 +206,89 @@ def main(argv=None) -> int:
 
     def row(name, value, note=""):
         # The JSON is rewritten after every figure: a run cut short keeps what it measured.
+        elapsed = time.perf_counter() - start
         table.append((name, value, note))
-        print(f"{name:<44} {value:>14} {note}", flush=True)
+        print(f"{elapsed:5.0f}s {name:<40} {value:>14} {note}", flush=True)
         record["load_average_end"] = load_average()
+        record["elapsed_s"] = elapsed
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+
+    def in_budget(name):
+        if args.budget and time.perf_counter() - start > args.budget:
+            results["skipped"].append(name)
+            row(name, "skipped", f"(past --budget {args.budget:.0f} s)")
+            return False
+        return True
 
     roof = ceilings(smoke)
     results["ceilings"] = roof
     row("bf16 matmul (measured)", f"{roof['matmul_flops'] / 1e12:.1f} TFLOP/s")
     row("copy bandwidth (measured, read+write)", f"{roof['copy_bytes'] / 1e12:.2f} TB/s")
 
-    tr = training(cfg, batch, seq, fused, roof, repeats)
-    results["train"] = {"batch": batch, "seq": seq, "attention": fused, **tr}
-    mfu = "n/a" if tr["mfu_datasheet"] is None else f"{100 * tr['mfu_datasheet']:.1f}%"
-    row(
-        f"train {batch}x{seq} bf16, {fused}",
-        f"{tr['tokens_per_s']:.0f} tok/s",
-        f"MFU {mfu} of data sheet, {100 * tr['mfu_measured']:.1f}% of measured",
-    )
-    jax.clear_caches()
+    def decode_rows(model, label, sizes, key):
+        results["decode"][key] = {}
+        for b in sizes:
+            d = decode(model, b, prompt, new, roof, repeats)
+            results["decode"][key][f"batch{b}"] = d
+            row(
+                f"{label} decode batch {b} bf16",
+                f"{d['tokens_per_s']:.0f} tok/s",
+                f"{d['ms_per_step']:.2f} ms/step, weights at "
+                f"{100 * d['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth",
+            )
+        return {b: results["decode"][key][f"batch{b}"] for b in sizes}
 
-    model = lj.build_model(cfg, seed=0)
+    def int8_rows(model, label, sizes, key, bf16):
+        for b, d in int8_decode(model, prompt, new, roof, repeats, bf16, sizes).items():
+            results["decode"][key][f"batch{b}_int8"] = d
+            row(
+                f"{label} decode batch {b} int8",
+                f"{d['tokens_per_s']:.0f} tok/s",
+                f"{d['ms_per_step']:.2f} ms/step, {d['vs_bfloat16']:.2f}x bfloat16",
+            )
+
     results["decode"] = {}
-    for b in (1, 8):
-        d = decode(model, b, prompt, new, roof, repeats)
-        results["decode"][f"batch{b}"] = d
-        row(
-            f"decode batch {b} bf16",
-            f"{d['tokens_per_s']:.0f} tok/s",
-            f"{d['ms_per_step']:.2f} ms/step, weights at "
-            f"{100 * d['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth",
-        )
-    if importlib.util.find_spec("llama_jax.inference.int8") is not None:
-        from llama_jax.inference.int8 import quantize
-
-        quantize(model)  # in place, one weight at a time
-        d8 = decode(model, 1, prompt, new, roof, repeats)
-        ratio = d8["tokens_per_s"] / results["decode"]["batch1"]["tokens_per_s"]
-        results["decode"]["batch1_int8"] = {**d8, "vs_bfloat16": ratio}
-        row("decode batch 1 int8", f"{d8['tokens_per_s']:.0f} tok/s", f"{ratio:.2f}x bfloat16")
-    else:
-        row("decode batch 1 int8", "skipped", "(llama_jax.inference.int8 not in this tree)")
+    model = lj.build_model(cfg, seed=0)
+    bf16 = decode_rows(model, base.name, (1, 8), "small")
+    if in_budget(f"{base.name} int8 decode"):
+        int8_rows(model, base.name, (1, 8), "small", bf16)
     del model
+
+    if in_budget(f"train {batch}x{seq}"):
+        tr = training(cfg, batch, seq, fused, roof, repeats)
+        results["train"] = {"batch": batch, "seq": seq, "attention": fused, **tr}
+        mfu = "n/a" if tr["mfu_datasheet"] is None else f"{100 * tr['mfu_datasheet']:.1f}%"
+        row(
+            f"train {batch}x{seq} bf16, {fused}",
+            f"{tr['tokens_per_s']:.0f} tok/s",
+            f"MFU {mfu} of data sheet, {100 * tr['mfu_measured']:.1f}% of measured",
+        )
+        jax.clear_caches()
 
     results["prefill"] = {}
     for attention in dict.fromkeys(("xla", fused)):
-        pf = prefill(cfg, seq, attention, repeats)
-        results["prefill"][attention] = pf
-        row(f"prefill 1x{seq}, attention={attention}", f"{pf['tokens_per_s']:.0f} tok/s")
+        if in_budget(f"prefill {attention}"):
+            pf = prefill(cfg, seq, attention, repeats)
+            results["prefill"][attention] = pf
+            row(f"prefill 1x{seq}, attention={attention}", f"{pf['tokens_per_s']:.0f} tok/s")
+
+    if in_budget(f"{big.name} decode"):
+        jax.clear_caches()
+        model = lj.build_model(big.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
+        bf16 = decode_rows(model, big.name, (1,), "big")
+        int8_rows(model, big.name, (1,), "big", bf16)
+        del model
+
+    if in_budget(f"train {2 * batch}x{seq}"):
+        tr = training(cfg, 2 * batch, seq, fused, roof, repeats)
+        results["train_2x"] = {"batch": 2 * batch, "seq": seq, "attention": fused, **tr}
+        mfu = "n/a" if tr["mfu_datasheet"] is None else f"{100 * tr['mfu_datasheet']:.1f}%"
+        row(
+            f"train {2 * batch}x{seq} bf16, {fused}",
+            f"{tr['tokens_per_s']:.0f} tok/s",
+            f"MFU {mfu} of data sheet, {100 * tr['mfu_measured']:.1f}% of measured",
+        )
 
     print(f"wrote {path}")
     return 0

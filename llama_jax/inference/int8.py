@@ -15,7 +15,9 @@ XLA's GPU backend fuses it into the product; its CPU backend writes the converte
 out (and inside `generate`'s decode loop lifts those conversions out of the loop, which
 would leave an int8 model decoding from float32 copies). So on the CPU, products of a
 few rows go to a small kernel that reads the int8 values itself
-(`llama_jax.inference.int8_cpu`, computed in float32); wider ones stay with XLA.
+(`llama_jax.inference.int8_cpu`, computed in float32); wider ones stay with XLA. On one
+GPU, XLA's fused product reads int8 weights at under half the rate of a bfloat16
+product, so products of a few rows go to a Pallas kernel (`llama_jax.inference.int8_gpu`).
 
 Opt-in, outside the model's reading path: `quantize(model)` replaces the projection
 weights (wq, wk, wv, wo, w1, w2, w3 and an untied `output`) by `Int8Weight` modules,
@@ -40,7 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from llama_jax.errors import LlamaError
-from llama_jax.inference import int8_cpu
+from llama_jax.inference import int8_cpu, int8_gpu
 from llama_jax.model.layers import weight_order
 from llama_jax.sharding.rules import PARAM_AXES, QUANTIZED_OUTPUT_AXES, logical_sharding
 
@@ -92,13 +94,16 @@ class Int8Weight(nnx.Module):
         n_in = self.values.ndim - self.scale.ndim
         rows = math.prod(x.shape[: x.ndim - n_in])
         plain = x_letters.endswith(w_letters[:n_in]) and out == x_letters[:-n_in] + out_letters
+        k, n = math.prod(self.values.shape[:n_in]), math.prod(self.scale.shape)
+        kernel = None
         if plain and rows <= int8_cpu.MAX_ROWS and int8_cpu.wanted():
-            # A few rows on the CPU: the kernel reads the int8 values (module docstring).
-            k, n = math.prod(self.values.shape[:n_in]), math.prod(self.scale.shape)
-            y = int8_cpu.int8_matmul(
-                x.astype(jnp.float32).reshape(rows, k),
-                self.values[...].reshape(k, n),
-                self.scale[...].reshape(n),
+            kernel, x = int8_cpu.int8_matmul, x.astype(jnp.float32)
+        elif plain and rows <= int8_gpu.MAX_ROWS and int8_gpu.wanted() and int8_gpu.plan(k, n):
+            kernel, x = int8_gpu.int8_matmul, x.astype(dtype)
+        if kernel is not None:
+            # A few rows on one CPU or GPU: a kernel reads the int8 values (module docstring).
+            y = kernel(
+                x.reshape(rows, k), self.values[...].reshape(k, n), self.scale[...].reshape(n)
             )
             y = y.reshape(*x.shape[: x.ndim - n_in], *self.scale.shape)
             return y.astype(out_dtype or dtype)
