@@ -76,19 +76,26 @@ def make_trainer(cfg, tc, attention: str) -> Trainer:
     return trainer
 
 
-def training(cfg, batch: int, seq: int, attention: str, roof: dict, repeats: int) -> dict:
+def training(
+    cfg, batch: int, seq: int, attention: str, roof: dict, repeats: int, micro: int = 1
+) -> dict:
     tc = TrainConfig(
-        batch_size=batch, seq_len=seq, compute_dtype="bfloat16", steps=100, warmup_steps=10
+        batch_size=batch,
+        micro_batches=micro,
+        seq_len=seq,
+        compute_dtype="bfloat16",
+        steps=100,
+        warmup_steps=10,
     )
     trainer = make_trainer(cfg, tc, attention)
     params = trainer.init_params()
     state = [params, trainer.init_opt_state(params)]
-    rows = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, batch, seq + 1))
+    rows = np.random.default_rng(0).integers(3, cfg.vocab_size, (micro, batch // micro, seq + 1))
     data = trainer.put_batch(
         {
             "tokens": rows[..., :-1].astype(np.int32),
             "targets": rows[..., 1:].astype(np.int32),
-            "weights": np.ones((1, batch, seq), np.float32),
+            "weights": np.ones(rows[..., 1:].shape, np.float32),
         }
     )
 
@@ -255,16 +262,22 @@ def main(argv=None) -> int:
         int8_rows(model, base.name, (1, 8), "small", bf16)
     del model
 
-    if in_budget(f"train {batch}x{seq}"):
-        tr = training(cfg, batch, seq, fused, roof, repeats)
-        results["train"] = {"batch": batch, "seq": seq, "attention": fused, **tr}
+    def train_row(rows, key, micro=1):
+        name = f"train {rows}x{seq}" + (f" in {micro} micro-batches" if micro > 1 else "")
+        if not in_budget(name):
+            return
+        tr = training(cfg, rows, seq, fused, roof, repeats, micro)
+        results[key] = {"batch": rows, "micro_batches": micro, "seq": seq, "attention": fused}
+        results[key].update(tr)
         mfu = "n/a" if tr["mfu_datasheet"] is None else f"{100 * tr['mfu_datasheet']:.1f}%"
         row(
-            f"train {batch}x{seq} bf16, {fused}",
+            name + f" bf16, {fused}",
             f"{tr['tokens_per_s']:.0f} tok/s",
             f"MFU {mfu} of data sheet, {100 * tr['mfu_measured']:.1f}% of measured",
         )
         jax.clear_caches()
+
+    train_row(batch, "train")
 
     results["prefill"] = {}
     for attention in dict.fromkeys(("xla", fused)):
@@ -280,15 +293,7 @@ def main(argv=None) -> int:
         int8_rows(model, big.name, (1,), "big", bf16)
         del model
 
-    if in_budget(f"train {2 * batch}x{seq}"):
-        tr = training(cfg, 2 * batch, seq, fused, roof, repeats)
-        results["train_2x"] = {"batch": 2 * batch, "seq": seq, "attention": fused, **tr}
-        mfu = "n/a" if tr["mfu_datasheet"] is None else f"{100 * tr['mfu_datasheet']:.1f}%"
-        row(
-            f"train {2 * batch}x{seq} bf16, {fused}",
-            f"{tr['tokens_per_s']:.0f} tok/s",
-            f"MFU {mfu} of data sheet, {100 * tr['mfu_measured']:.1f}% of measured",
-        )
+    train_row(2 * batch, "train_2x", micro=2)
 
     print(f"wrote {path}")
     return 0
