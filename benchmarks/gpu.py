@@ -142,6 +142,9 @@ def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
     return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
 
 
+SECTIONS = ("decode", "int8", "train", "prefill", "big", "train2x")
+
+
 def int8_decode(model, prompt, new, roof, repeats, base: dict, rows=(1, 8)) -> dict:
     """Quantize `model` in place to int8, then decode at each batch size in `rows`."""
     from llama_jax.inference.int8 import quantize
@@ -171,7 +174,15 @@ def main(argv=None) -> int:
         metavar="S",
         help="skip the figures not yet started once S seconds have passed (0: no limit)",
     )
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated figures to take, in this order: {','.join(SECTIONS)} (default: all)",
+    )
     args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        p.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
     smoke = args.smoke
     start = time.perf_counter()
     device = jax.devices()[0]
@@ -185,7 +196,10 @@ def main(argv=None) -> int:
         from llama_jax.inference import int8_gpu
 
         with open(args.int8_tiles) as f:
-            int8_gpu.TILES = int8_gpu.Tiles(**json.load(f)["chosen"])
+            tuned = json.load(f)
+        int8_gpu.TILES = int8_gpu.Tiles(**tuned["chosen"])
+        if not tuned.get("dot_beats_xla_at_8_rows", True):
+            int8_gpu.MAX_ROWS = int8_gpu.TILES.dot_rows  # wider products stay with XLA
     base = lj.get_preset("tiny" if smoke else "llama3.2-1b")
     big = lj.get_preset("tiny" if smoke else "llama3.1-8b")
     cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -205,6 +219,7 @@ def main(argv=None) -> int:
     )
     if args.int8_tiles:
         record["int8_tiles"] = dataclasses.asdict(int8_gpu.TILES)
+        record["int8_max_rows"] = int8_gpu.MAX_ROWS
     results: dict = {"machine": record, "skipped": []}
     table = []
 
@@ -221,7 +236,9 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
-    def in_budget(name):
+    def in_budget(name, section):
+        if section not in sections:
+            return False
         if args.budget and time.perf_counter() - start > args.budget:
             results["skipped"].append(name)
             row(name, "skipped", f"(past --budget {args.budget:.0f} s)")
@@ -256,15 +273,16 @@ def main(argv=None) -> int:
             )
 
     results["decode"] = {}
-    model = lj.build_model(cfg, seed=0)
-    bf16 = decode_rows(model, base.name, (1, 8), "small")
-    if in_budget(f"{base.name} int8 decode"):
-        int8_rows(model, base.name, (1, 8), "small", bf16)
-    del model
+    if in_budget(f"{base.name} decode", "decode"):
+        model = lj.build_model(cfg, seed=0)
+        bf16 = decode_rows(model, base.name, (1, 8), "small")
+        if in_budget(f"{base.name} int8 decode", "int8"):
+            int8_rows(model, base.name, (1, 8), "small", bf16)
+        del model
 
-    def train_row(rows, key, micro=1):
+    def train_row(rows, key, section, micro=1):
         name = f"train {rows}x{seq}" + (f" in {micro} micro-batches" if micro > 1 else "")
-        if not in_budget(name):
+        if not in_budget(name, section):
             return
         tr = training(cfg, rows, seq, fused, roof, repeats, micro)
         results[key] = {"batch": rows, "micro_batches": micro, "seq": seq, "attention": fused}
@@ -277,23 +295,23 @@ def main(argv=None) -> int:
         )
         jax.clear_caches()
 
-    train_row(batch, "train")
+    train_row(batch, "train", "train")
 
     results["prefill"] = {}
     for attention in dict.fromkeys(("xla", fused)):
-        if in_budget(f"prefill {attention}"):
+        if in_budget(f"prefill {attention}", "prefill"):
             pf = prefill(cfg, seq, attention, repeats)
             results["prefill"][attention] = pf
             row(f"prefill 1x{seq}, attention={attention}", f"{pf['tokens_per_s']:.0f} tok/s")
 
-    if in_budget(f"{big.name} decode"):
+    if in_budget(f"{big.name} decode", "big"):
         jax.clear_caches()
         model = lj.build_model(big.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
         bf16 = decode_rows(model, big.name, (1,), "big")
         int8_rows(model, big.name, (1,), "big", bf16)
         del model
 
-    train_row(2 * batch, "train_2x", micro=2)
+    train_row(2 * batch, "train_2x", "train2x", micro=2)
 
     print(f"wrote {path}")
     return 0

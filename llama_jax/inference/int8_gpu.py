@@ -47,6 +47,8 @@ class Tiles:
     block_k: int = 128  # input rows converted and accumulated per loop step
     programs: int = 1  # split K until about this many programs run (1: never split)
     num_warps: int = 4
+    num_stages: int | None = None  # Triton's software pipelining depth (None: its default)
+    min_steps: int = 1  # a split of K keeps at least this many block_k steps
     dot_rows: int = 2
 
 
@@ -57,14 +59,16 @@ def plan(k: int, n: int, tiles: Tiles | None = None) -> tuple[int, int, int] | N
     """(block_n, block_k, splits) for a [K, N] weight, or None if the tiles do not fit.
 
     `splits` is the smallest power of two that brings (N / block_n) * splits up to
-    `tiles.programs`, as long as every split keeps a whole number of `block_k` steps.
+    `tiles.programs`, as long as every split keeps a whole number of at least
+    `tiles.min_steps` steps of `block_k` rows.
     """
     tiles = tiles or TILES
     block_n = min(tiles.block_n, n)
     if n % block_n or block_n & (block_n - 1) or k % tiles.block_k:
         return None
     splits = 1
-    while (n // block_n) * splits < tiles.programs and k % (2 * splits * tiles.block_k) == 0:
+    step = tiles.block_k * tiles.min_steps
+    while (n // block_n) * splits < tiles.programs and k % (2 * splits * step) == 0:
         splits *= 2
     return block_n, tiles.block_k, splits
 
@@ -85,7 +89,8 @@ def _body(x_ref, w_ref, s_ref, o_ref, *, block_k: int, dot: bool):
     if dot:  # tensor cores: [rows, block_k] x [block_k, block_n] per step
 
         def step(i, acc):
-            return acc + pl.dot(x_ref[:, at(i)], w_ref[at(i), :].astype(x_ref.dtype))
+            w = w_ref[at(i), :].astype(x_ref.dtype)
+            return acc + jnp.dot(x_ref[:, at(i)], w, preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows, block_n), jnp.float32))
         o_ref[0, :, :] = acc * s_ref[...][None, :]
@@ -113,6 +118,7 @@ def scaled_products(
     splits: int,
     dot: bool,
     num_warps: int = 4,
+    num_stages: int | None = None,
     interpret: bool = False,
 ):
     """[splits, M, N] float32: (x @ values) * scale, one slab per slice of K."""
@@ -128,7 +134,7 @@ def scaled_products(
             pl.BlockSpec((block_n,), lambda j, s: (j,)),
         ],
         out_specs=pl.BlockSpec((1, m, block_n), lambda j, s: (s, 0, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="llama_jax_int8_matmul",
     )(x, values, scale)
@@ -150,6 +156,7 @@ def _kernel(x, values, scale, *, tiles: Tiles | None = None, interpret: bool = F
         splits=splits,
         dot=dot,
         num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
         interpret=interpret,
     )
     y = parts[0] if splits == 1 else parts.sum(axis=0)
