@@ -1,22 +1,27 @@
-"""GPU figures on one NVIDIA GPU, in about five minutes: MFU, decode against HBM, prefill.
+"""GPU figures on one NVIDIA GPU: MFU, decode against HBM, int8 decode, prefill.
 
     pip install -e . && pip install -U "jax[cuda12]"     # or jax[cuda13] for CUDA 13 drivers
     python benchmarks/gpu.py --out DIR                    # writes DIR/benchmark_gpu.json
     python benchmarks/gpu.py --smoke --out DIR            # tiny shapes on any backend (CPU)
 
-Figures, all through the library's entry points on random weights of the `llama3.2-1b`
-preset's shape (1.24B parameters) in bfloat16:
+Figures, all through the library's entry points on random weights in bfloat16, in this
+order (`--sections` picks some; `--budget S` starts no new one after S seconds):
 
 - the card's measured ceilings: bfloat16 matmul FLOP/s (8192^3) and copy bandwidth
   (`x + 1` over 2 GiB, bytes read plus written);
-- training: `training.Trainer.step` on 4 x 2048 tokens, bfloat16 compute, cuDNN
-  attention, no remat; MFU against the data-sheet peak (`llama_jax.perf.PEAK_FLOPS`)
-  and against the measured matmul rate;
-- decode at batch 1 and 8 through `llama_jax.generate`, tokens/s and the weight bytes
-  read per second as a fraction of the measured copy bandwidth;
-- prefill 1 x 2048 (`Transformer.__call__` under `nnx.jit`) with attention "xla" and
+- decode: `llama3.2-1b` (1.24B parameters) at batch 1 and 8 through `llama_jax.generate`,
+  tokens/s and the weight bytes read per second as a fraction of the copy bandwidth;
+- int8: the same model quantized in place (`llama_jax.inference.int8.quantize`), decoded
+  the same way, against bfloat16;
+- train: `training.Trainer.step` on 4 x 2048 tokens, bfloat16 compute, cuDNN attention,
+  no remat; MFU against the data-sheet peak (`llama_jax.perf.PEAK_FLOPS`) and against
+  the measured matmul rate;
+- prefill: 1 x 2048 (`Transformer.__call__` under `nnx.jit`) with attention "xla" and
   "cudnn";
-- batch-1 decode of an int8 model against bfloat16, when `llama_jax.inference.int8` exists.
+- big: `llama3.1-8b` decoded at batch 1 in bfloat16, then in int8;
+- train2x: 8 x 2048 tokens as two micro-batches of 4.
+
+The JSON is rewritten after every figure, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -198,8 +203,6 @@ def main(argv=None) -> int:
         with open(args.int8_tiles) as f:
             tuned = json.load(f)
         int8_gpu.TILES = int8_gpu.Tiles(**tuned["chosen"])
-        if not tuned.get("dot_beats_xla_at_8_rows", True):
-            int8_gpu.MAX_ROWS = int8_gpu.TILES.dot_rows  # wider products stay with XLA
     base = lj.get_preset("tiny" if smoke else "llama3.2-1b")
     big = lj.get_preset("tiny" if smoke else "llama3.1-8b")
     cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -219,7 +222,6 @@ def main(argv=None) -> int:
     )
     if args.int8_tiles:
         record["int8_tiles"] = dataclasses.asdict(int8_gpu.TILES)
-        record["int8_max_rows"] = int8_gpu.MAX_ROWS
     results: dict = {"machine": record, "skipped": []}
     table = []
 

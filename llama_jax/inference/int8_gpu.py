@@ -1,22 +1,26 @@
-"""An int8 x bfloat16 product for a single GPU that reads the int8 weight at full speed.
+"""An int8 x bfloat16 product of one row for a single GPU: batch-1 decoding.
 
 XLA's GPU backend fuses `values.astype(bfloat16)` into its matrix product, so an int8
-model never holds a converted weight, but the fused product of one or a few rows reads
-the int8 weight at under half the rate a bfloat16 product reads its weight. Decoding at
-batch 1 is bound by exactly that read. This module is a Pallas (Triton) kernel for
+model never holds a converted weight, but the fused product of one row reads the int8
+weight at about half the bytes per second that a bfloat16 product reads its weight,
+which leaves int8 decoding no faster than bfloat16. This module is a Pallas (Triton)
+kernel for
 
-    y[M, N] = (x[M, K] @ values[K, N]) * scale[N]
+    y[1, N] = (x[1, K] @ values[K, N]) * scale[N]
 
-for products of at most `MAX_ROWS` rows, with the int8 values converted in registers and
-accumulated in float32. Each program reads one [K / splits, block_n] tile of the weight
-(`block_n` output channels, one slice of the input axis) in `block_k`-row steps; the
-`splits` partial sums go to a small float32 array that XLA adds up and scales. Splitting
-the input axis gives the GPU enough programs to keep every multiprocessor reading even
-for narrow weights (wk, wv), while keeping the sum deterministic (no atomics).
+with the int8 values converted in registers and multiplied and added in float32. Each
+program reads one [K / splits, block_n] tile of the weight (`block_n` output channels,
+one slice of the input axis) in steps of `block_k` rows, into a [block_k, block_n]
+accumulator that is summed once at the end. The `splits` slices of the input axis give
+the GPU enough programs to keep every multiprocessor reading, even for the narrow wk and
+wv; their partial sums go to a small float32 array that XLA adds up, so the result does
+not depend on the order programs finish in (no atomics). The tiles (`TILES`) were chosen
+on an H100 by `benchmarks/gpu_int8.py`.
 
-`Int8Weight` calls it only when JAX runs on exactly one GPU: under a mesh XLA would
-gather a sharded weight onto every device to feed a custom call. Elsewhere, and for
-shapes the kernel's power-of-two tiles do not divide, products stay with XLA.
+`Int8Weight` calls it for one-row products when JAX runs on exactly one GPU (under a
+mesh XLA would gather a sharded weight onto every device to feed a custom call) and the
+tiles divide the weight. Products of more rows stay with XLA: at 8 rows its fused
+product beat every variant of this kernel that was measured (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -31,25 +35,19 @@ from jax.experimental.pallas import triton as plgpu
 
 from llama_jax.inference import int8_cpu
 
-MAX_ROWS = 8  # products with more rows go to XLA
+MAX_ROWS = 1  # products of more rows go to XLA
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """How the kernel cuts a [K, N] weight, and how it multiplies.
+    """How the kernel cuts a [K, N] weight into programs."""
 
-    `dot_rows`: products of more rows than this use the tensor cores (`pl.dot` on rows
-    padded to 16); fewer use float32 multiply-adds into a [block_k, block_n] accumulator
-    per row, summed once at the end.
-    """
-
-    block_n: int = 32  # output channels per program (a power of two)
+    block_n: int = 64  # output channels per program (a power of two)
     block_k: int = 128  # input rows converted and accumulated per loop step
-    programs: int = 1  # split K until about this many programs run (1: never split)
+    programs: int = 132  # split K until about this many programs run (1: never split)
     num_warps: int = 4
     num_stages: int | None = None  # Triton's software pipelining depth (None: its default)
     min_steps: int = 1  # a split of K keeps at least this many block_k steps
-    dot_rows: int = 2
 
 
 TILES = Tiles()
@@ -78,89 +76,47 @@ def wanted() -> bool:
     return jax.default_backend() == "gpu" and jax.device_count() == 1
 
 
-def _body(x_ref, w_ref, s_ref, o_ref, *, block_k: int, dot: bool):
-    """One program: o[0, :, tile] = (x[:, slice] @ values[slice, tile]) * scale[tile]."""
-    rows, block_n = x_ref.shape[0], w_ref.shape[1]
-    steps = w_ref.shape[0] // block_k
+def _body(x_ref, w_ref, s_ref, o_ref, *, block_k: int):
+    """One program: o[0, tile] = (x[0, slice] @ values[slice, tile]) * scale[tile]."""
+    block_n = w_ref.shape[1]
 
-    def at(i):
-        return pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-
-    if dot:  # tensor cores: [rows, block_k] x [block_k, block_n] per step
-
-        def step(i, acc):
-            w = w_ref[at(i), :].astype(x_ref.dtype)
-            return acc + jnp.dot(x_ref[:, at(i)], w, preferred_element_type=jnp.float32)
-
-        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows, block_n), jnp.float32))
-        o_ref[0, :, :] = acc * s_ref[...][None, :]
-        return
-
-    def step(i, acc):  # multiply-adds; the sum over the input rows waits for the end
-        w = w_ref[at(i), :].astype(jnp.float32)  # converted in registers
-        return tuple(
-            a + x_ref[m, at(i)].astype(jnp.float32)[:, None] * w for m, a in enumerate(acc)
-        )
+    def step(i, acc):
+        at = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        w = w_ref[at, :].astype(jnp.float32)  # converted in registers
+        return acc + x_ref[0, at].astype(jnp.float32)[:, None] * w  # summed over K at the end
 
     zero = jnp.zeros((block_k, block_n), jnp.float32)
-    acc = jax.lax.fori_loop(0, steps, step, (zero,) * rows)
-    for m in range(rows):
-        o_ref[0, m, :] = jnp.sum(acc[m], axis=0) * s_ref[...]
+    acc = jax.lax.fori_loop(0, w_ref.shape[0] // block_k, step, zero)
+    o_ref[0, :] = jnp.sum(acc, axis=0) * s_ref[...]
 
 
-def scaled_products(
-    x,
-    values,
-    scale,
-    *,
-    block_n: int,
-    block_k: int,
-    splits: int,
-    dot: bool,
-    num_warps: int = 4,
-    num_stages: int | None = None,
-    interpret: bool = False,
-):
-    """[splits, M, N] float32: (x @ values) * scale, one slab per slice of K."""
-    (m, k), n = x.shape, values.shape[1]
+def scaled_products(x, values, scale, *, tiles: Tiles | None = None, interpret: bool = False):
+    """[splits, N] float32: (x @ values) * scale for x [1, K], one row per slice of K."""
+    tiles = tiles or TILES
+    (_, k), n = x.shape, values.shape[1]
+    block_n, block_k, splits = plan(k, n, tiles)
     part = k // splits
     return pl.pallas_call(
-        functools.partial(_body, block_k=block_k, dot=dot),
-        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        functools.partial(_body, block_k=block_k),
+        out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
         grid=(n // block_n, splits),
         in_specs=[
-            pl.BlockSpec((m, part), lambda j, s: (0, s)),
+            pl.BlockSpec((1, part), lambda j, s: (0, s)),
             pl.BlockSpec((part, block_n), lambda j, s: (s, j)),
             pl.BlockSpec((block_n,), lambda j, s: (j,)),
         ],
-        out_specs=pl.BlockSpec((1, m, block_n), lambda j, s: (s, 0, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        out_specs=pl.BlockSpec((1, block_n), lambda j, s: (s, j)),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        ),
         interpret=interpret,
         name="llama_jax_int8_matmul",
     )(x, values, scale)
 
 
 def _kernel(x, values, scale, *, tiles: Tiles | None = None, interpret: bool = False):
-    tiles = tiles or TILES
-    m, k = x.shape
-    block_n, block_k, splits = plan(k, values.shape[1], tiles)
-    dot = m > tiles.dot_rows and x.dtype != jnp.float32
-    rows = 16 if dot else 1 << (m - 1).bit_length()  # tiles are powers of two: pad rows
-    xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
-    parts = scaled_products(
-        xp,
-        values,
-        scale,
-        block_n=block_n,
-        block_k=block_k,
-        splits=splits,
-        dot=dot,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-        interpret=interpret,
-    )
-    y = parts[0] if splits == 1 else parts.sum(axis=0)
-    return y[:m] if rows != m else y
+    parts = scaled_products(x, values, scale, tiles=tiles, interpret=interpret)
+    return parts.sum(axis=0, keepdims=True)  # [1, N]; one split is a reshape
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -168,12 +124,12 @@ def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, interpret: bo
     """(x @ values) * scale in float32 through the kernel; XLA's product off the GPU.
 
     Args:
-      x: [M, K] rows (bfloat16 or float32), M <= MAX_ROWS.
+      x: [1, K] (bfloat16 or float32).
       values: [K, N] int8 weight whose shape `plan` accepts.
       scale: [N] float32 per-output-channel scales.
       interpret: run the kernel in Pallas's interpreter (tests on the CPU).
     Returns:
-      [M, N] float32. Differentiable in x and scale (the int8 values get no gradient).
+      [1, N] float32. Differentiable in x and scale (the int8 values get no gradient).
     """
     if interpret:
         return _kernel(x, values, scale, interpret=True)
