@@ -16,8 +16,8 @@ out (and inside `generate`'s decode loop lifts those conversions out of the loop
 would leave an int8 model decoding from float32 copies). So on the CPU, products of a
 few rows go to a small kernel that reads the int8 values itself
 (`llama_jax.inference.int8_cpu`, computed in float32); wider ones stay with XLA. On one
-GPU, XLA's fused product reads int8 weights at under half the rate of a bfloat16
-product, so products of a few rows go to a Pallas kernel (`llama_jax.inference.int8_gpu`).
+GPU, XLA's fused product reads int8 weights at about half the rate of a bfloat16
+product, so one-row products go to a Pallas kernel (`llama_jax.inference.int8_gpu`).
 
 Opt-in, outside the model's reading path: `quantize(model)` replaces the projection
 weights (wq, wk, wv, wo, w1, w2, w3 and an untied `output`) by `Int8Weight` modules,
@@ -101,7 +101,7 @@ class Int8Weight(nnx.Module):
         elif plain and rows <= int8_gpu.MAX_ROWS and int8_gpu.wanted() and int8_gpu.plan(k, n):
             kernel, x = int8_gpu.int8_matmul, x.astype(dtype)
         if kernel is not None:
-            # A few rows on one CPU or GPU: a kernel reads the int8 values (module docstring).
+            # Decoding on one CPU or GPU: a kernel reads the int8 values (module docstring).
             y = kernel(
                 x.reshape(rows, k), self.values[...].reshape(k, n), self.scale[...].reshape(n)
             )
