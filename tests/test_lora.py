@@ -2,10 +2,7 @@
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -23,7 +20,6 @@ from llama_jax.training import lora
 from llama_jax.training.step import loss_and_grads
 from tests.test_train import CFG, random_batch
 
-ROOT = Path(__file__).resolve().parents[1]
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # One block keeps compilation short; 8 heads, F and V divisible by 8 for every mesh.
 LCFG = CFG.replace(n_layers=1, dim=32, ffn_dim=64, dtype="float32", name="test-lora")
@@ -276,59 +272,27 @@ def test_int8_base():
 # Resume after kill -9 -------------------------------------------------------------------
 
 WORKER = r"""
-import os, signal, sys, time
-from pathlib import Path
-sys.path.insert(0, {root!r})
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from llama_jax import training
 from llama_jax.model import build_model
 from flax import nnx
-from llama_jax.training import data
-from tests.test_train import CFG, stdlib_docs
-from tests.test_data import TOK
 
-out, mode = Path(sys.argv[1]), sys.argv[2]
 tc = training.TrainConfig(steps=8, batch_size=4, seq_len=32, learning_rate=3e-3, warmup_steps=2,
                           save_every=3, keep=2, log_every=1, eval_every=0, eval_batches=1,
                           lora_rank=4, lora_targets=("wq", "wv", "w2"), lora_dropout=0.1)
-docs = stdlib_docs()
-ds = data.pack_documents(docs[1:], TOK, 32)
 base = nnx.to_pure_dict(nnx.state(build_model(CFG, seed=7), nnx.Param))
-
-def hook(step, metrics):
-    if mode == "kill" and step == 5:
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "3").is_dir() and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGKILL)
-
+hook = hook_for(kill_at=5, saved=3)
 r = training.train(CFG, tc, ds, out, init_params=base, on_step=hook, progress=False)
 print("RESULT", r.start_step, r.step)
 """
 
 
-def run_worker(tmp_path, out, mode):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, str(script), str(out), mode],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-
-
 def test_killed_lora_run_resumes_with_identical_losses(tmp_path):
-    from tests.test_train import final_metrics
+    from tests.test_train import final_metrics, run_worker
 
-    ref = run_worker(tmp_path, tmp_path / "ref", "none")
+    ref = run_worker(tmp_path, tmp_path / "ref", "none", WORKER)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = run_worker(tmp_path, tmp_path / "run", "kill")
+    killed = run_worker(tmp_path, tmp_path / "run", "kill", WORKER)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_worker(tmp_path, tmp_path / "run", "none")
+    resumed = run_worker(tmp_path, tmp_path / "run", "none", WORKER)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3" in resumed.stdout and "RESULT 3 8" in resumed.stdout
     want = final_metrics(tmp_path / "ref" / "metrics.jsonl")

@@ -207,7 +207,7 @@ def test_loss_falls_on_a_real_corpus_in_mixed_precision(tmp_path):
 
 # Resuming ------------------------------------------------------------------------------
 
-WORKER = r"""
+WORKER_PRELUDE = r"""
 import os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
@@ -219,30 +219,38 @@ from tests.test_train import CFG, stdlib_docs
 from tests.test_data import TOK
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
-tc = training.TrainConfig(steps=10, batch_size=4, seq_len=32, learning_rate=3e-3, warmup_steps=2,
-                       save_every=4, keep=2, log_every=1, eval_every=5, eval_batches=1)
 docs = stdlib_docs()
 ds = data.pack_documents(docs[1:], TOK, 32)
+
+
+def hook_for(kill_at, saved, term_at=None):
+    # mode "kill": pre-emption between checkpoints: once step `saved`'s save has landed,
+    # die at once (SIGKILL) at step `kill_at`; mode "term": SIGTERM at step `term_at`.
+    def hook(step, metrics):
+        if mode == "kill" and step == kill_at:
+            deadline = time.time() + 120
+            while not (out / "checkpoints" / str(saved)).is_dir() and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "term" and step == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+"""
+
+WORKER = r"""
+tc = training.TrainConfig(steps=10, batch_size=4, seq_len=32, learning_rate=3e-3, warmup_steps=2,
+                       save_every=4, keep=2, log_every=1, eval_every=5, eval_batches=1)
 held = data.pack_documents(docs[:1], TOK, 32)
-
-def hook(step, metrics):
-    if mode == "kill" and step == 6:
-        # Pre-emption between checkpoints: once step 4's save has landed, die at once.
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "4").is_dir() and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if mode == "term" and step == 7:
-        os.kill(os.getpid(), signal.SIGTERM)
-
+hook = hook_for(kill_at=6, saved=4, term_at=7)
 r = training.train(CFG, tc, ds, out, held, on_step=hook, progress=False)
 print("RESULT", r.start_step, r.step, r.preempted)
 """
 
 
-def run_worker(tmp_path, out, mode):
+def run_worker(tmp_path, out, mode, body=WORKER):
+    """Run WORKER_PRELUDE + `body` in a fresh Python process: `python worker.py OUT MODE`."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT)))
+    script.write_text(WORKER_PRELUDE.format(root=str(ROOT)) + body)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, str(script), str(out), mode],
