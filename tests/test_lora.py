@@ -112,16 +112,7 @@ def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path):
 
     from tests.hf_oracle import hf_logits, hf_params, make_hf_model
 
-    cfg = LlamaConfig(
-        dim=64,
-        n_layers=2,
-        n_heads=8,
-        n_kv_heads=2,
-        vocab_size=128,
-        ffn_dim=96,
-        max_seq_len=64,
-        name="peft-test",
-    )
+    cfg = CFG.replace(vocab_size=128, ffn_dim=96, max_seq_len=64, name="peft-test")
     hf = make_hf_model(cfg, seed=5)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     from llama_jax.model import set_params
