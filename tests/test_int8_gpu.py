@@ -91,6 +91,16 @@ def test_gradients_equal_the_xla_product_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_off_cuda_the_product_is_xlas():
+    """Lowered for any platform but CUDA (here the CPU), int8_matmul is XLA's product."""
+    x, values, scale = random_product(np.random.default_rng(3), 256, 128, jnp.float32)
+    y = jax.jit(int8_gpu.int8_matmul)(x, values, scale)
+    exported = jax.export.export(jax.jit(int8_gpu.int8_matmul), platforms=["cpu"])(x, values, scale)
+    assert triton_calls(exported) == []
+    ref = reference(x, values, scale)
+    assert np.linalg.norm(np.asarray(y) - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
 @pytest.mark.parametrize(
     "k, n", [(2048, 2048), (2048, 512), (8192, 2048), (3072, 8192), (4096, 14336), (4096, 128256)]
 )

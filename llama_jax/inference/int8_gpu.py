@@ -119,9 +119,15 @@ def _kernel(x, values, scale, *, tiles: Tiles | None = None, interpret: bool = F
     return parts.sum(axis=0, keepdims=True)  # [1, N]; one split is a reshape
 
 
+def _xla(x, values, scale):
+    """XLA's product, as `Int8Weight` computes it without a kernel (other GPU platforms)."""
+    y = jnp.dot(x, values.astype(x.dtype), preferred_element_type=jnp.float32)
+    return y * scale
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, interpret: bool = False):
-    """(x @ values) * scale in float32 through the kernel; XLA's product off the GPU.
+    """(x @ values) * scale in float32 through the kernel on CUDA; XLA's product elsewhere.
 
     Args:
       x: [1, K] (bfloat16 or float32).
@@ -133,7 +139,7 @@ def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, interpret: bo
     """
     if interpret:
         return _kernel(x, values, scale, interpret=True)
-    return jax.lax.platform_dependent(x, values, scale, cuda=_kernel, default=int8_cpu._reference)
+    return jax.lax.platform_dependent(x, values, scale, cuda=_kernel, default=_xla)
 
 
 def _fwd(x, values, scale, interpret):
