@@ -90,7 +90,7 @@ def make_weights(cfg, layers: int, seed: int) -> list:
 
 
 def product(kind: str, tiles: Tiles | None):
-    """x [M, K] bfloat16, (values, scale) -> [M, N] bfloat16 by one of the variants."""
+    """x [1, K] bfloat16, (values, scale) -> [1, N] bfloat16 by one of the variants."""
 
     def bf16(x, w):
         return jnp.dot(x, w[0], preferred_element_type=jnp.float32).astype(jnp.bfloat16)
