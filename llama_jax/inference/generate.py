@@ -325,15 +325,9 @@ def generate_stream(
     pad_id: int = 0,
 ) -> GenerationStream:
     """Like `generate`, but yields the tokens step by step (see `GenerationStream`)."""
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
     return _start(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        SamplingParams(temperature, top_k, top_p, seed),
-        stop_ids,
-        cache_len,
-        pad_id,
-        stream=True,
+        model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, stream=True
     )
 
 
@@ -374,15 +368,9 @@ def generate(
       a `Generation`: a list with the new ids of each prompt, and `finish_reasons`.
     """
     sampling = SamplingParams(temperature, top_k, top_p, seed)
+    streaming = on_token is not None  # on_token is called after every step
     stream = _start(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        sampling,
-        stop_ids,
-        cache_len,
-        pad_id,
-        stream=on_token is not None,
+        model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, streaming
     )
     for step in stream:
         for row, tok in enumerate(step):
@@ -523,16 +511,10 @@ def generate_text(
                 raise LlamaError(f"Prompt {i} is empty; give some text to continue.")
         ids = [tokenizer.encode(p, bos=True) for p in items]
     stop = [s for s in (stop or ()) if s]
-    stream = _start(
-        model,
-        ids,
-        max_new_tokens,
-        SamplingParams(temperature, top_k, top_p, seed),
-        sorted(tokenizer.stop_ids),
-        cache_len,
-        tokenizer.pad_id,
-        stream=bool(stop) or on_text is not None,
-    )
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    stop_ids, pad_id = sorted(tokenizer.stop_ids), tokenizer.pad_id
+    streaming = bool(stop) or on_text is not None  # stop strings are checked after every step
+    stream = _start(model, ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, streaming)
     decoders = [tokenizer.stream_decoder() for _ in items]
     texts = [""] * len(items)
     sent = [0] * len(items)  # characters already passed to on_text
