@@ -253,14 +253,11 @@ class _Batch(NamedTuple):
 def _prepare_batch(model, rows, length, cache_len, max_new_tokens, stop_ids, sampling, pad_id):
     """Pad the prompts, bound the new tokens by the cache and run the prefill.
 
-    `generate` and `speculative_generate` both start here; they differ in the slots they
-    keep free after the prompt, and so in `length`.
-
     Args:
       model: the `Transformer` that runs the prefill (the target, when speculating).
       rows: the prompts, as `_check_prompts` returns them.
-      length: P, the padded prompt length: the prompt bucket, capped so that the slots
-        decoding needs fit after it in the cache.
+      length: P, the padded prompt length: the prompt bucket, capped so that what decoding
+        needs fits after it (`speculative_generate` keeps k + 1 slots free for a round).
       cache_len: S, the cache's slots.
       max_new_tokens, stop_ids, pad_id: as for `generate`; sampling: the `SamplingParams`.
     Returns:
