@@ -268,6 +268,7 @@ def _prepare_batch(model, rows, length, cache_len, max_new_tokens, stop_ids, sam
     # After the prefill the cache holds P slots; each further token needs one more slot,
     # except the last one sampled, which is never fed back.
     n_tokens = min(max_new_tokens, cache_len - length + 1)
+    cache_bound = max_new_tokens > n_tokens
 
     graphdef, state = nnx.split(model)
     # A model sharded over a mesh decodes on it: with the mesh in context the model's
@@ -279,7 +280,6 @@ def _prepare_batch(model, rows, length, cache_len, max_new_tokens, stop_ids, sam
         ds = _prefill(
             graphdef, state, tokens, mask, stops, arrays, key, cache_len=cache_len, pad_id=pad_id
         )
-    cache_bound = max_new_tokens > n_tokens
     return _Batch(
         tokens, mask, stops, n_tokens, cache_bound, graphdef, state, mesh, arrays, key, ds
     )
