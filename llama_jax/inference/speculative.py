@@ -369,7 +369,7 @@ def speculative_generate(
             f"The longest prompt ({longest} tokens) leaves less than speculate_k + 1 = {k + 1} "
             f"free slots of the {max_len}-token context; shorten it or lower speculate_k."
         )
-    P = min(P, cache_len - k - 1)
+    P = min(P, cache_len - k - 1)  # every round needs k + 1 free slots after the prompt
     b = _prepare_batch(model, rows, P, cache_len, max_new_tokens, stop_ids, sampling, pad_id)
     ds, n_tokens, stop_table = b.ds, b.n_tokens, b.stop_table
 
