@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +234,57 @@ def _stop_table(stop_ids, batch: int) -> np.ndarray:
     return table
 
 
+class _Batch(NamedTuple):
+    """Checked prompts, padded and prefilled: what a decode loop starts from."""
+
+    tokens: np.ndarray  # [B, P] int32, left-padded; numpy, so jit replicates it on every host
+    mask: np.ndarray  # [B, P] bool, the real tokens
+    stop_table: np.ndarray  # [B, Q] int32, see `_stop_table`
+    n_tokens: int  # the most new tokens a row gets: max_new_tokens or what the cache holds
+    cache_bound: bool  # whether the cache, not max_new_tokens, set n_tokens
+    graphdef: nnx.GraphDef  # graphdef, state: the model, split for the compiled functions
+    state: nnx.State
+    mesh: jax.sharding.Mesh | None  # the mesh the model is sharded over (None: one device)
+    sampling: dict[str, jax.Array]  # `SamplingParams.arrays()`
+    key: jax.Array  # the PRNG key of the seed
+    ds: DecodeState  # after the prefill, with each row's first new token
+
+
+def _prepare_batch(model, rows, length, cache_len, max_new_tokens, stop_ids, sampling, pad_id):
+    """Pad the prompts, bound the new tokens by the cache and run the prefill.
+
+    Args:
+      model: the `Transformer` that runs the prefill (the target, when speculating).
+      rows: the prompts, as `_check_prompts` returns them.
+      length: P, the padded prompt length: the prompt bucket, capped so that what decoding
+        needs fits after it (`speculative_generate` keeps k + 1 slots free for a round).
+      cache_len: S, the cache's slots.
+      max_new_tokens, stop_ids, pad_id: as for `generate`; sampling: the `SamplingParams`.
+    Returns:
+      a `_Batch`.
+    """
+    tokens, mask = left_pad(rows, length, pad_id, model.cfg.vocab_size)
+    stops = _stop_table(stop_ids, len(rows))
+    # After the prefill the cache holds P slots; each further token needs one more slot,
+    # except the last one sampled, which is never fed back.
+    n_tokens = min(max_new_tokens, cache_len - length + 1)
+    cache_bound = max_new_tokens > n_tokens
+
+    graphdef, state = nnx.split(model)
+    # A model sharded over a mesh decodes on it: with the mesh in context the model's
+    # logical constraints shard heads and MLP over `tensor` (and rows over data/fsdp).
+    mesh = _mesh_of(state)
+    arrays = sampling.arrays()
+    key = jax.random.key(sampling.seed)
+    with sharding.use_mesh(mesh):
+        ds = _prefill(
+            graphdef, state, tokens, mask, stops, arrays, key, cache_len=cache_len, pad_id=pad_id
+        )
+    return _Batch(
+        tokens, mask, stops, n_tokens, cache_bound, graphdef, state, mesh, arrays, key, ds
+    )
+
+
 @dataclasses.dataclass
 class GenerationStream:
     """Tokens as they are generated; iterate to get one list per step.
@@ -270,15 +322,9 @@ def generate_stream(
     pad_id: int = 0,
 ) -> GenerationStream:
     """Like `generate`, but yields the tokens step by step (see `GenerationStream`)."""
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
     return _start(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        SamplingParams(temperature, top_k, top_p, seed),
-        stop_ids,
-        cache_len,
-        pad_id,
-        stream=True,
+        model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, stream=True
     )
 
 
@@ -319,15 +365,9 @@ def generate(
       a `Generation`: a list with the new ids of each prompt, and `finish_reasons`.
     """
     sampling = SamplingParams(temperature, top_k, top_p, seed)
+    streaming = on_token is not None  # on_token is called after every step
     stream = _start(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        sampling,
-        stop_ids,
-        cache_len,
-        pad_id,
-        stream=on_token is not None,
+        model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, streaming
     )
     for step in stream:
         for row, tok in enumerate(step):
@@ -352,25 +392,9 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
             f"most the model's context ({cfg.max_seq_len})."
         )
     P = min(P, cache_len)
-    tokens, mask = left_pad(rows, P, pad_id, cfg.vocab_size)
-    # Inputs stay numpy: jit treats them as replicated, on one host or on every host.
-    stop_table = _stop_table(stop_ids, B)
-    stops = stop_table
-    # After the prefill the cache holds P slots; each further token needs one more slot,
-    # except the last one sampled, which is never fed back.
-    n_tokens = min(max_new_tokens, cache_len - P + 1)
-    cache_bound = max_new_tokens > n_tokens
-
-    graphdef, state = nnx.split(model)
-    # A model sharded over a mesh decodes on it: with the mesh in context the model's
-    # logical constraints shard heads and MLP over `tensor` (and rows over data/fsdp).
-    mesh = _mesh_of(state)
-    arrays = sampling.arrays()
-    key = jax.random.key(sampling.seed)
-    with sharding.use_mesh(mesh):
-        ds = _prefill(
-            graphdef, state, tokens, mask, stops, arrays, key, cache_len=cache_len, pad_id=pad_id
-        )
+    b = _prepare_batch(model, rows, P, cache_len, max_new_tokens, stop_ids, sampling, pad_id)
+    ds, n_tokens, cache_bound, stop_table = b.ds, b.n_tokens, b.cache_bound, b.stop_table
+    graphdef, state, mesh, arrays, key = b.graphdef, b.state, b.mesh, b.sampling, b.key
 
     result = GenerationStream(iter(()), [[] for _ in range(B)], [None] * B, np.zeros(B, bool))
 
@@ -389,7 +413,7 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
         nonlocal ds
         with sharding.use_mesh(mesh):
             ds = _decode_loop(
-                graphdef, state, ds, stops, arrays, key, np.int32(n_tokens), pad_id=pad_id
+                graphdef, state, ds, stop_table, arrays, key, np.int32(n_tokens), pad_id=pad_id
             )
         out, stopped, step = jax.device_get((ds.out, ds.stopped, ds.step))
         finish(out, stopped, int(step))
@@ -413,7 +437,7 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
             if result._host_stop.any():
                 ds = dataclasses.replace(ds, done=ds.done | jnp.asarray(result._host_stop))
             with sharding.use_mesh(mesh):
-                ds = _decode_step(graphdef, state, ds, stops, arrays, key, pad_id=pad_id)
+                ds = _decode_step(graphdef, state, ds, stop_table, arrays, key, pad_id=pad_id)
         for i in range(B):
             if stopped[i] or result._host_stop[i]:
                 result.finish_reasons[i] = STOP
@@ -484,16 +508,10 @@ def generate_text(
                 raise LlamaError(f"Prompt {i} is empty; give some text to continue.")
         ids = [tokenizer.encode(p, bos=True) for p in items]
     stop = [s for s in (stop or ()) if s]
-    stream = _start(
-        model,
-        ids,
-        max_new_tokens,
-        SamplingParams(temperature, top_k, top_p, seed),
-        sorted(tokenizer.stop_ids),
-        cache_len,
-        tokenizer.pad_id,
-        stream=bool(stop) or on_text is not None,
-    )
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    stop_ids, pad_id = sorted(tokenizer.stop_ids), tokenizer.pad_id
+    streaming = bool(stop) or on_text is not None  # stop strings are checked after every step
+    stream = _start(model, ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, streaming)
     decoders = [tokenizer.stream_decoder() for _ in items]
     texts = [""] * len(items)
     sent = [0] * len(items)  # characters already passed to on_text

@@ -53,12 +53,9 @@ from llama_jax.inference.generate import (
     STOP,
     Generation,
     _check_prompts,
-    _mesh_of,
-    _prefill,
-    _stop_table,
+    _prepare_batch,
     bucket_length,
     default_cache_len,
-    left_pad,
 )
 from llama_jax.inference.sampling import SamplingParams, filter_logits, sample
 from llama_jax.model import KVCache, Transformer
@@ -372,38 +369,20 @@ def speculative_generate(
             f"The longest prompt ({longest} tokens) leaves less than speculate_k + 1 = {k + 1} "
             f"free slots of the {max_len}-token context; shorten it or lower speculate_k."
         )
-    P = min(P, cache_len - k - 1)
-    tokens, mask = left_pad(rows, P, pad_id, cfg.vocab_size)
-    stop_table = _stop_table(stop_ids, B)
-    # A row gains at most as many tokens as the cache gains slots (plus the prefill's).
-    n_tokens = min(max_new_tokens, cache_len - P + 1)
-    cache_bound = max_new_tokens > n_tokens
+    P = min(P, cache_len - k - 1)  # every round needs k + 1 free slots after the prompt
+    b = _prepare_batch(model, rows, P, cache_len, max_new_tokens, stop_ids, sampling, pad_id)
+    ds, n_tokens, stop_table = b.ds, b.n_tokens, b.stop_table
 
-    t_graph, t_state = nnx.split(model)
     d_graph, d_state = nnx.split(draft)
-    mesh = _mesh_of(t_state)
-    arrays = sampling.arrays()
-    key = jax.random.key(sampling.seed)
-    with sharding.use_mesh(mesh):
-        ds = _prefill(
-            t_graph,
-            t_state,
-            tokens,
-            mask,
-            stop_table,
-            arrays,
-            key,
-            cache_len=cache_len,
-            pad_id=pad_id,
-        )
-        d_cache = _draft_prefill(d_graph, d_state, tokens, mask, cache_len=cache_len)
+    with sharding.use_mesh(b.mesh):
+        d_cache = _draft_prefill(d_graph, d_state, b.tokens, b.mask, cache_len=cache_len)
         st = SpecState(
             target=ds.cache,
             draft=d_cache,
             index=jnp.asarray(P, jnp.int32),  # its own buffer: the state is donated
             token=ds.token,
             position=ds.position,
-            prev=jnp.asarray(tokens[:, -1]),
+            prev=jnp.asarray(b.tokens[:, -1]),
             prev_ok=jnp.ones((B,), bool),
             done=ds.done | (n_tokens <= 1),
             stopped=ds.stopped,
@@ -414,14 +393,14 @@ def speculative_generate(
             accepted=jnp.zeros((), jnp.int32),
         )
         st = _speculate(
-            t_graph,
-            t_state,
+            b.graphdef,
+            b.state,
             d_graph,
             d_state,
             st,
             stop_table,
-            arrays,
-            key,
+            b.sampling,
+            b.key,
             np.int32(n_tokens),
             k=k,
             pad_id=pad_id,
@@ -436,7 +415,7 @@ def speculative_generate(
             row_stops = set(stop_table[i].tolist())
             row, reason = row[: next(j for j, t in enumerate(row) if t in row_stops)], STOP
         elif len(row) == n_tokens:
-            reason = CACHE_FULL if cache_bound else LENGTH
+            reason = CACHE_FULL if b.cache_bound else LENGTH
         else:  # the loop ended because no further round fits in the cache
             reason = CACHE_FULL
         tokens_out.append(row)
