@@ -202,7 +202,8 @@ def main(argv=None) -> int:
 
         with open(args.int8_tiles) as f:
             tuned = json.load(f)
-        int8_gpu.TILES = int8_gpu.Tiles(**tuned["chosen"])
+        fields = {f.name for f in dataclasses.fields(int8_gpu.Tiles)}
+        int8_gpu.TILES = int8_gpu.Tiles(**{k: v for k, v in tuned["chosen"].items() if k in fields})
     base = lj.get_preset("tiny" if smoke else "llama3.2-1b")
     big = lj.get_preset("tiny" if smoke else "llama3.1-8b")
     cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16")
