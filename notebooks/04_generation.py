@@ -205,12 +205,18 @@ print("To see: GQA (solid) divides the cache by N/K; at 8192 tokens the cache of
 # Times are for the whole model on one chip's bandwidth and FLOP rate; Llama 3.1 8B in
 # bf16 (16 GB of weights) does not fit one v5e's 16 GB, and split over n chips with tensor
 # parallelism both terms divide by n (communication aside).
+#
+# One measured point, from `benchmarks/gpu.py` on an H100 80GB HBM3 (docs/performance.md,
+# "GPU"): random weights in the Llama 3.1 8B shape, bf16, batch 1, a 128-token prompt,
+# through `lj.generate`: 5.96 ms per step. Its cache held under 200 tokens, so it belongs
+# beside the weights-only line, not the context-8192 curves.
 
 # %%
 HARDWARE = {
     "TPU v5e": dict(flops=PEAK_FLOPS["TPU v5e"], bandwidth=819e9),
     "H100 SXM": dict(flops=PEAK_FLOPS["NVIDIA H100"], bandwidth=3.35e12),
 }
+H100_MEASURED_MS = 5.96  # batch 1, short context (see above)
 
 
 def step_time(c, batch, context, flops, bandwidth, bytes_per=2):
@@ -248,11 +254,16 @@ for ax, (hw, spec) in zip(axes, HARDWARE.items(), strict=True):
     ax.axvline(b_star, color="C2", lw=0.8)
     ax.text(b_star * 1.05, ax.get_ylim()[0] * 2 if ax.get_ylim()[0] > 0 else 0.01, f"B* = {b_star:.0f}",
             color="C2", fontsize=8)  # fmt: skip
+    if hw == "H100 SXM":
+        ax.plot([1], [H100_MEASURED_MS], "x", color="k", ms=8, label="measured, short context")
+        ax.legend(fontsize=7)
     ax.set(title=f"{PRESET} bf16, context {CONTEXT}, {hw}", xlabel="batch B")
 axes[0].set_ylabel("ms per decode step")
 axes[0].plot([], [], "o", color="C3", label="KV cache = weights")
 axes[0].legend(fontsize=7)
 plt.show()
+weights_only = step_time(c8, 1.0, 0, **HARDWARE["H100 SXM"])[0] * 1e3
+print(f"H100, batch 1: weights-only line {weights_only:.2f} ms, measured {H100_MEASURED_MS} ms.")
 print("To see: the step time stays flat (weights) only until the red dot, where the cache "
       "overtakes the weights; after that the cache reads dominate long before the FLOPs do.")  # fmt: skip
 for hw, spec in HARDWARE.items():
