@@ -150,18 +150,6 @@ def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
 SECTIONS = ("decode", "int8", "train", "prefill", "big", "train2x")
 
 
-def int8_decode(model, prompt, new, roof, repeats, base: dict, rows=(1, 8)) -> dict:
-    """Quantize `model` in place to int8, then decode at each batch size in `rows`."""
-    from llama_jax.inference.int8 import quantize
-
-    quantize(model)  # in place, one weight at a time
-    out = {}
-    for b in rows:
-        d = decode(model, b, prompt, new, roof, repeats)
-        out[b] = {**d, "vs_bfloat16": d["tokens_per_s"] / base[b]["tokens_per_s"]}
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for benchmark_gpu.json")
@@ -224,7 +212,6 @@ def main(argv=None) -> int:
     if args.int8_tiles:
         record["int8_tiles"] = dataclasses.asdict(int8_gpu.TILES)
     results: dict = {"machine": record, "skipped": []}
-    table = []
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "benchmark_gpu.json")
@@ -232,7 +219,6 @@ def main(argv=None) -> int:
     def row(name, value, note=""):
         # The JSON is rewritten after every figure: a run cut short keeps what it measured.
         elapsed = time.perf_counter() - start
-        table.append((name, value, note))
         print(f"{elapsed:5.0f}s {name:<40} {value:>14} {note}", flush=True)
         record["load_average_end"] = load_average()
         record["elapsed_s"] = elapsed
@@ -254,21 +240,26 @@ def main(argv=None) -> int:
     row("copy bandwidth (measured, read+write)", f"{roof['copy_bytes'] / 1e12:.2f} TB/s")
 
     def decode_rows(model, label, sizes, key):
-        results["decode"][key] = {}
+        results["decode"][key] = figures = {}
         for b in sizes:
-            d = decode(model, b, prompt, new, roof, repeats)
-            results["decode"][key][f"batch{b}"] = d
+            figures[f"batch{b}"] = d = decode(model, b, prompt, new, roof, repeats)
             row(
                 f"{label} decode batch {b} bf16",
                 f"{d['tokens_per_s']:.0f} tok/s",
                 f"{d['ms_per_step']:.2f} ms/step, weights at "
                 f"{100 * d['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth",
             )
-        return {b: results["decode"][key][f"batch{b}"] for b in sizes}
 
-    def int8_rows(model, label, sizes, key, bf16):
-        for b, d in int8_decode(model, prompt, new, roof, repeats, bf16, sizes).items():
-            results["decode"][key][f"batch{b}_int8"] = d
+    def int8_rows(model, label, sizes, key):
+        """Quantize `model` in place (one weight at a time), then decode it as bfloat16 was."""
+        from llama_jax.inference.int8 import quantize
+
+        quantize(model)
+        figures = results["decode"][key]
+        for b in sizes:
+            d = decode(model, b, prompt, new, roof, repeats)
+            d["vs_bfloat16"] = d["tokens_per_s"] / figures[f"batch{b}"]["tokens_per_s"]
+            figures[f"batch{b}_int8"] = d
             row(
                 f"{label} decode batch {b} int8",
                 f"{d['tokens_per_s']:.0f} tok/s",
@@ -278,9 +269,9 @@ def main(argv=None) -> int:
     results["decode"] = {}
     if in_budget(f"{base.name} decode", "decode"):
         model = lj.build_model(cfg, seed=0)
-        bf16 = decode_rows(model, base.name, (1, 8), "small")
+        decode_rows(model, base.name, (1, 8), "small")
         if in_budget(f"{base.name} int8 decode", "int8"):
-            int8_rows(model, base.name, (1, 8), "small", bf16)
+            int8_rows(model, base.name, (1, 8), "small")
         del model
 
     def train_row(rows, key, section, micro=1):
@@ -310,8 +301,8 @@ def main(argv=None) -> int:
     if in_budget(f"{big.name} decode", "big"):
         jax.clear_caches()
         model = lj.build_model(big.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
-        bf16 = decode_rows(model, big.name, (1,), "big")
-        int8_rows(model, big.name, (1,), "big", bf16)
+        decode_rows(model, big.name, (1,), "big")
+        int8_rows(model, big.name, (1,), "big")
         del model
 
     train_row(2 * batch, "train_2x", "train2x", micro=2)
