@@ -42,19 +42,19 @@ from benchmarks.harness import machine_record, time_calls
 from llama_jax.inference import int8_gpu
 from llama_jax.inference.int8_gpu import Tiles
 
-CANDIDATES = [  # Tiles fields: (block_n, block_k, programs, num_warps, num_stages, min_steps)
-    (64, 128, 528, 4, None, 1),
-    (64, 128, 264, 4, None, 1),
-    (64, 128, 132, 4, None, 1),
-    (64, 64, 528, 4, None, 2),
-    (64, 128, 264, 4, None, 4),
-    (64, 128, 264, 4, 3, 4),
-    (64, 128, 264, 4, 4, 4),
-    (32, 256, 264, 4, None, 2),
-    (32, 128, 264, 2, None, 4),
-    (128, 64, 264, 4, None, 4),
-    (128, 128, 264, 8, None, 2),
-    (64, 256, 264, 8, None, 2),
+CANDIDATES = [  # programs=1 would never split K; see Tiles
+    Tiles(block_n=64, block_k=128, programs=528),
+    Tiles(block_n=64, block_k=128, programs=264),
+    Tiles(block_n=64, block_k=128, programs=132),
+    Tiles(block_n=64, block_k=64, programs=528, min_steps=2),
+    Tiles(block_n=64, block_k=128, programs=264, min_steps=4),
+    Tiles(block_n=64, block_k=128, programs=264, num_stages=3, min_steps=4),
+    Tiles(block_n=64, block_k=128, programs=264, num_stages=4, min_steps=4),
+    Tiles(block_n=32, block_k=256, programs=264, min_steps=2),
+    Tiles(block_n=32, block_k=128, programs=264, num_warps=2, min_steps=4),
+    Tiles(block_n=128, block_k=64, programs=264, min_steps=4),
+    Tiles(block_n=128, block_k=128, programs=264, num_warps=8, min_steps=2),
+    Tiles(block_n=64, block_k=256, programs=264, num_warps=8, min_steps=2),
 ]
 
 
@@ -96,9 +96,7 @@ def product(kind: str, tiles: Tiles | None):
         return jnp.dot(x, w[0], preferred_element_type=jnp.float32).astype(jnp.bfloat16)
 
     def xla_int8(x, w):
-        values, scale = w
-        y = jnp.dot(x, values.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-        return (y * scale).astype(jnp.bfloat16)
+        return int8_gpu._xla(x, *w).astype(jnp.bfloat16)
 
     def kernel(x, w):
         return int8_gpu._kernel(x, *w, tiles=tiles).astype(jnp.bfloat16)
@@ -188,6 +186,7 @@ def time_variants(cfg, layers, variants, repeats, seed=0):
             "ms_per_step": 1e3 * t["median"],
             "weight_gb_per_s": nbytes / t["median"] / 1e9,
             "compile_s": compile_s,
+            "tiles": None if tiles is None else dataclasses.asdict(tiles),
         }
         out.append(row)
         print(
@@ -218,26 +217,26 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
-    def tiles_of(c):
-        fields = ("block_n", "block_k", "programs", "num_warps", "num_stages", "min_steps")
-        return Tiles(**dict(zip(fields, c, strict=True)))
-
     if args.smoke:  # the interpreter: small shapes
-        worst = check([tiles_of(c) for c in CANDIDATES], [(256, 128), (512, 64)], True)
+        worst = check(CANDIDATES, [(256, 128), (512, 64)], True)
         print(f"kernel matches float64: worst relative error {worst:.2e}")
         return 0
     # Every candidate once before it is timed; the chosen tiles on more shapes at the end.
-    worst = check([tiles_of(c) for c in CANDIDATES], [(2048, 512)])
+    worst = check(CANDIDATES, [(2048, 512)])
     save()
 
     small, big = lj.get_preset("llama3.2-1b"), lj.get_preset("llama3.1-8b")
     base = [("bf16 xla", "bf16", None), ("int8 xla fused", "int8_xla", None)]
-    one = base + [(f"kernel {c}", "kernel", tiles_of(c)) for c in CANDIDATES]
+    kernels = {
+        f"kernel {t.block_n}x{t.block_k} p{t.programs} w{t.num_warps} s{t.num_stages} "
+        f"m{t.min_steps}": t
+        for t in CANDIDATES
+    }
+    one = base + [(label, "kernel", tiles) for label, tiles in kernels.items()]
     results["rows1"] = time_variants(small, small.n_layers, one, repeats=5)
     save()
-    by_label = {f"kernel {c}": c for c in CANDIDATES}
-    timed = [r for r in results["rows1"] if r["variant"] in by_label]
-    chosen = tiles_of(by_label[min(timed, key=lambda r: r["ms_per_step"])["variant"]])
+    timed = [r for r in results["rows1"] if r["variant"] in kernels]
+    chosen = kernels[min(timed, key=lambda r: r["ms_per_step"])["variant"]]
     results["chosen"] = dataclasses.asdict(chosen)
     print(f"chosen: {chosen}", flush=True)
     shapes = [(2048, 512), (8192, 2048), (3072, 8192), (4096, 14336), (4096, 128256)]
