@@ -122,6 +122,7 @@ def test_saved_int8_checkpoint_holds_the_int8_arrays(saved):
     assert block["attention_norm"]["weight"].dtype == np.float32
     out = ocp.PyTreeCheckpointer().restore(os.path.join(path, store.top_dir(("output",))))
     assert out["output"]["values"].dtype == np.int8
+
     # On disk a block saves three quarters of its projections' float32 bytes, less the
     # scales and Orbax's metadata for twice as many arrays: at least two thirds.
     def size(root):
@@ -253,7 +254,7 @@ def test_quantization_removed_from_an_int8_checkpoint(saved, tmp_path, capsys):
         lj.load(path)
     with pytest.raises(lj.LlamaError, match="stored as int8 values and scales but"):
         lj.load(path, quantize="int8")  # would have quantized the int8 values as floats
-    cli_fails(capsys, ["generate", "--checkpoint", path, "--prompt", "a"], "no \"quantization\"")
+    cli_fails(capsys, ["generate", "--checkpoint", path, "--prompt", "a"], 'no "quantization"')
 
 
 def test_quantization_added_to_a_float_checkpoint(saved, tmp_path, capsys):
