@@ -26,8 +26,26 @@ from llama_jax.errors import LlamaError
 MAX_SHARD_BYTES = 5 * 2**30
 
 
+def check_float(path: str) -> None:
+    """Refuse an int8 checkpoint: Hugging Face and Meta layouts hold float weights.
+
+    Args:
+      path: the llama-jax checkpoint directory (absolute).
+    Raises:
+      LlamaError: naming the checkpoint and what to export instead.
+    """
+    quantization = store.read_quantization(path)
+    if quantization is not None:
+        raise LlamaError(
+            f'{path}: this checkpoint holds {quantization} weights ("quantization": '
+            f'"{quantization}" in {store.CONFIG_FILE}), which Hugging Face and Meta '
+            "checkpoints cannot hold; export the float checkpoint it was quantized from."
+        )
+
+
 def meta_tensors(path: str, cfg) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (Meta name, Meta-layout array) in `layout.meta_names` order, a block at a time."""
+    check_float(path)
     block, block_index = None, None
     for name in layout.meta_names(cfg):
         if name.startswith("layers."):
@@ -70,6 +88,8 @@ def export(
         with a model.safetensors.index.json.
     Returns:
       A summary dict: parameters, dtype, bytes, seconds, out.
+    Raises:
+      LlamaError: among others, for an int8 checkpoint (before anything is written).
     """
     from tqdm.auto import tqdm
 
@@ -80,6 +100,7 @@ def export(
         raise LlamaError(f"--to {to!r}: expected 'hf' or 'meta'.")
     src = os.path.abspath(os.path.expanduser(os.fspath(src_ckpt)))
     cfg = store.load_config(src)
+    check_float(src)
     out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     store.check_destination(out, force, protect=(src,))
     names = layout.meta_names(cfg)

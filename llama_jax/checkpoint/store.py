@@ -4,12 +4,18 @@ On disk:
 
     DST/
       llama_jax.json              {"format": "llama-jax", "version": 1, "config": {...}}
+                                  (+ "quantization": "int8" for an int8 checkpoint)
       tokenizer.model             copied from the source when it has one
       params/tok_embeddings/      Orbax PyTree checkpoint {"tok_embeddings": [V, D]}
       params/norm/                {"norm": {"weight": [D]}}
       params/output/              {"output": [D, V]} (absent with tied embeddings)
       params/layers/00000/        one block: {"attention": {"wq": [D, N, H], ...},
       ...                          "feed_forward": {...}, "attention_norm": ..., "ffn_norm": ...}
+
+An int8 checkpoint (`save` of a model quantized by `llama_jax.inference.int8`) holds
+each projection weight as its int8 `values` and float32 `scale`, e.g.
+{"attention": {"wq": {"values": [D, N, H] int8, "scale": [N, H] float32}, ...}}, and its
+llama_jax.json says "quantization": "int8"; embeddings and norms stay float.
 
 One Orbax checkpoint per block, as the model holds its blocks: the converter writes a
 block at a time, so host memory stays near one block whatever the depth, and `load`
@@ -34,6 +40,7 @@ import uuid
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
@@ -47,6 +54,7 @@ TOKENIZER_FILE = "tokenizer.model"
 FORMAT = "llama-jax"
 VERSION = 1
 TOP = (("tok_embeddings",), ("norm", "weight"), ("output",))
+QUANTIZATIONS = ("int8",)  # the values of llama_jax.json's "quantization" (absent: float)
 
 
 def top_dir(path: tuple[str, ...]) -> str:
@@ -276,25 +284,73 @@ def layer_tree(flat: dict[tuple[str, ...], object]) -> dict:
     return tree
 
 
+def model_quantization(model) -> str | None:
+    """How a model's projection weights would be saved: None (float) or "int8".
+
+    Args:
+      model: a `Transformer`, plain or quantized by `llama_jax.inference.int8.quantize`.
+    Returns:
+      None when every projection (wq ... w3, an untied output) is a float nnx.Param,
+      "int8" when every one is an `Int8Weight`.
+    Raises:
+      LlamaError: a projection that is neither (e.g. a LoRA adapter around a weight), or
+        a mix of float and int8 projections; the message names one and what to do.
+    """
+    from llama_jax.inference import int8
+
+    layer_of = {id(m): i for i, block in enumerate(model.layers) for m in vars(block).values()}
+    kinds: dict[str, str] = {}
+    for owner, attr, path in int8.projections(model):
+        name = ".".join(path)
+        if path[0] == "layers":
+            name = f"layers.{layer_of.get(id(owner), '?')}.{path[1]}.{attr}"
+        w = getattr(owner, attr)
+        if isinstance(w, int8.Int8Weight):
+            kinds.setdefault("int8", name)
+        elif isinstance(w, nnx.Param) and not jnp.issubdtype(w.dtype, jnp.integer):
+            kinds.setdefault("float", name)
+        else:
+            raise LlamaError(
+                f"{name} is a {type(w).__name__}, neither a float weight (nnx.Param) nor an "
+                "Int8Weight, so it cannot be saved as a checkpoint. Merge LoRA adapters into "
+                "the weights first (llama_jax.training.lora.merge(model)) or save the adapters "
+                "alone (lora.export_peft)."
+            )
+    if len(kinds) > 1:
+        raise LlamaError(
+            f"{kinds['int8']} is int8 but {kinds['float']} is float: a checkpoint holds all "
+            "projection weights in one precision. Quantize the rest "
+            "(llama_jax.inference.int8.quantize(model)) or save a float model."
+        )
+    return "int8" if "int8" in kinds else None
+
+
 def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force: bool = False):
     """Write a model's weights and config as a llama-jax checkpoint directory.
 
     Works for a model on one device or sharded over a mesh: each block is written by
-    Orbax from wherever it lives.
+    Orbax from wherever it lives. A model quantized by `llama_jax.inference.int8` is
+    written as it is (int8 values and float32 scales, "quantization": "int8" in
+    llama_jax.json) and `load` reads it back without quantizing again.
 
     Args:
-      model: a `Transformer`.
+      model: a `Transformer`, with float or int8 (`Int8Weight`) projections.
       path: the directory to create (atomically: a temporary sibling, then a rename).
       tokenizer: a tokenizer.model file to copy into the checkpoint, or None.
       force: replace an existing directory.
     Returns:
       The absolute path written.
+    Raises:
+      LlamaError: before anything is written, for a projection that is neither float nor
+        int8 (LoRA: merge it first) or a mix of both (see `model_quantization`).
     """
     cfg = model.cfg
     if tokenizer is not None:
         tokenizer = os.path.expanduser(os.fspath(tokenizer))
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise LlamaError(f"tokenizer {tokenizer}: no such file.")
+    quantization = model_quantization(model)
+    extra = {} if quantization is None else {"quantization": quantization}
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with atomic_directory(path, force) as tmp:
         write_group(tmp, top_dir(("tok_embeddings",)), {"tok_embeddings": params["tok_embeddings"]})
@@ -303,7 +359,7 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
             write_group(tmp, top_dir(("output",)), {"output": params["output"]})
         for i in range(cfg.n_layers):
             write_group(tmp, layer_dir(i), params["layers"][i])
-        write_config(tmp, cfg, tokenizer)
+        write_config(tmp, cfg, tokenizer, **extra)
     return _abs(path)
 
 
@@ -334,6 +390,34 @@ def _read_meta(path: str) -> dict:
     return meta
 
 
+def _quantization(meta: dict, file: str) -> str | None:
+    if "quantization" not in meta:
+        return None
+    value = meta["quantization"]
+    if value not in QUANTIZATIONS:
+        raise LlamaError(
+            f'{file}: "quantization": {json.dumps(value)} is not one this version reads '
+            f"({', '.join(QUANTIZATIONS)}; absent for float weights). The file was edited or "
+            "written by a newer llama-jax; re-create the checkpoint."
+        )
+    return value
+
+
+def read_quantization(path: str | os.PathLike) -> str | None:
+    """How a llama-jax checkpoint stores its projection weights.
+
+    Args:
+      path: the checkpoint directory.
+    Returns:
+      None for float weights (no "quantization" in llama_jax.json), or "int8" (int8
+      values and float32 scales per output channel, `llama_jax.inference.int8`).
+    Raises:
+      LlamaError: not a checkpoint, or a "quantization" value this version cannot read.
+    """
+    path = _abs(path)
+    return _quantization(_read_meta(path), os.path.join(path, CONFIG_FILE))
+
+
 def load_config(path: str | os.PathLike) -> LlamaConfig:
     """The `LlamaConfig` recorded in a llama-jax checkpoint.
 
@@ -345,6 +429,7 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     path = _abs(path)
     file = os.path.join(path, CONFIG_FILE)
     meta = _read_meta(path)
+    _quantization(meta, file)
     try:
         cfg = LlamaConfig.from_dict(meta["config"])
     except LlamaError as e:
@@ -401,11 +486,24 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
     flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
     for key, t in jax.tree_util.tree_flatten_with_path(targets, is_leaf=is_leaf)[0]:
         got = flat_stored.get(key)
-        if got is None or tuple(got.shape) != tuple(t[0]):
+        if got is None:
+            raise _missing(where, key, flat_stored)
+        if tuple(got.shape) != tuple(t[0]):
             raise LlamaError(
-                f"{where}: array {jax.tree_util.keystr(key)} has shape "
-                f"{None if got is None else tuple(got.shape)} on disk but the recorded config "
-                f"needs {tuple(t[0])}; the checkpoint is inconsistent with {CONFIG_FILE}."
+                f"{where}: array {jax.tree_util.keystr(key)} has shape {tuple(got.shape)} on "
+                f"disk but the recorded config needs {tuple(t[0])}; the checkpoint is "
+                f"inconsistent with {CONFIG_FILE}."
+            )
+        # Orbax casts to the requested dtype whatever is stored: int8 values read as
+        # floats (or floats as int8) would load without a word. Float to float is the
+        # `dtype=` override and stays allowed.
+        stored_dtype = getattr(got, "dtype", None)
+        if stored_dtype is not None and _kind(stored_dtype) != _kind(t[1]):
+            raise LlamaError(
+                f"{where}: array {jax.tree_util.keystr(key)} is {np.dtype(stored_dtype).name} "
+                f"on disk but the recorded config needs {np.dtype(t[1]).name}; the checkpoint "
+                f'is inconsistent with {CONFIG_FILE} (its "quantization" field was edited, '
+                "or a group was replaced). Re-create the checkpoint."
             )
     restore_args = jax.tree.map(args, targets, is_leaf=is_leaf)
     item = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t[0], t[1]), targets, is_leaf=is_leaf)
@@ -418,6 +516,37 @@ def read_group(root: str, sub: str, targets: dict) -> dict:
     except Exception as e:
         raise _broken(where, f"cannot restore it: {type(e).__name__}: {e}") from None
     return out
+
+
+def _kind(dtype) -> str:
+    """The dtype's kind ("float", "int", else its name): what a read may not change."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "float"
+    if jnp.issubdtype(dtype, jnp.integer):
+        return "int"
+    return np.dtype(dtype).name
+
+
+def _missing(where: str, key: tuple, flat_stored: dict) -> LlamaError:
+    """The error for a wanted array absent from a group, saying what is there instead."""
+    name = jax.tree_util.keystr(key)
+    inside = [k for k in flat_stored if len(k) > len(key) and k[: len(key)] == key]
+    names = lambda k: getattr(k[-1], "key", k[-1])
+    fix = "The file was edited or belongs to another checkpoint; re-create the checkpoint."
+    if inside and {names(k) for k in inside} == {"values", "scale"}:
+        return LlamaError(
+            f"{where}: {name} is stored as int8 values and scales but {CONFIG_FILE} records a "
+            f'float checkpoint (no "quantization": "int8"). {fix}'
+        )
+    if names(key) in ("values", "scale") and key[:-1] in flat_stored:
+        return LlamaError(
+            f"{where}: {jax.tree_util.keystr(key[:-1])} is stored as one float array but "
+            f'{CONFIG_FILE} records "quantization": "int8" (int8 values and scales). {fix}'
+        )
+    return LlamaError(
+        f"{where}: array {name} is not on disk but the recorded config needs it; the "
+        f"checkpoint is inconsistent with {CONFIG_FILE}."
+    )
 
 
 _OCDBT_MAGIC = b"\x0c\xdb"  # first bytes of every manifest and data file of Orbax's OCDBT store
@@ -483,28 +612,37 @@ def check_group(where: str) -> None:
 
 
 def read_layer_host(path: str, cfg: LlamaConfig, layer: int) -> dict:
-    """Block `layer` as host numpy arrays in its stored dtype: {"attention": {"wq": ...}}."""
-    block = _abstract_params(cfg)["layers"][0]
+    """Block `layer` as host numpy arrays in its stored dtype: {"attention": {"wq": ...}}.
+
+    In an int8 checkpoint each projection is {"values": int8, "scale": float32}.
+    """
+    block = _abstract_params(cfg, read_quantization(path))["layers"][0]
     targets = jax.tree.map(lambda s: (s.shape, s.dtype, None), block)
     return read_group(path, layer_dir(layer), targets)
 
 
-def read_top_host(path: str, cfg: LlamaConfig, name: tuple[str, ...]) -> np.ndarray:
-    """A top-level parameter (tok_embeddings, norm/weight, output) as a host numpy array."""
-    params = _abstract_params(cfg)
+def read_top_host(path: str, cfg: LlamaConfig, name: tuple[str, ...]) -> np.ndarray | dict:
+    """A top-level parameter (tok_embeddings, norm/weight, output) as a host numpy array.
+
+    In an int8 checkpoint `output` is {"values": int8, "scale": float32}.
+    """
+    params = _abstract_params(cfg, read_quantization(path))
     leaf = params[name[0]] if len(name) == 1 else params[name[0]][name[1]]
-    target = {name[0]: (leaf.shape, leaf.dtype, None)}
-    if len(name) == 2:
-        target = {name[0]: {name[1]: (leaf.shape, leaf.dtype, None)}}
+    target = jax.tree.map(lambda s: (s.shape, s.dtype, None), leaf)
+    target = {name[0]: target} if len(name) == 1 else {name[0]: {name[1]: target}}
     out = read_group(path, top_dir(name), target)
     return out[name[0]] if len(name) == 1 else out[name[0]][name[1]]
 
 
 @functools.lru_cache(maxsize=4)
-def _abstract_params(cfg: LlamaConfig) -> dict:
-    from llama_jax.model import abstract_model
+def _abstract_params(cfg: LlamaConfig, quantization: str | None = None) -> dict:
+    from llama_jax.inference import int8
+    from llama_jax.model import Transformer
 
-    return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    create = lambda: Transformer(cfg, rngs=nnx.Rngs(0))
+    if quantization is not None:
+        create = lambda: int8.quantize(Transformer(cfg, rngs=nnx.Rngs(0)), quantization)
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(create), nnx.Param))
 
 
 def load(
@@ -533,7 +671,10 @@ def load(
       attention: the attention kernel (see model.Transformer).
       quantize: "int8" to quantize the projection weights as each block is read
         (`llama_jax.inference.int8`: host and device memory stay near the int8 model
-        plus one float block); None keeps them in the parameter dtype.
+        plus one float block); None keeps them in the parameter dtype. An int8
+        checkpoint ("quantization": "int8", written by `save` of an int8 model) is read
+        as it is stored, with None or "int8" alike: its values and scales go straight
+        onto their shardings, not quantized again.
     Returns:
       The model.
     """
@@ -546,6 +687,9 @@ def load(
     mesh = make_mesh(mesh)
     path = _abs(path)
     cfg = load_config(path)
+    stored = read_quantization(path)
+    quantize = quantize or stored
+    requantize = quantize is not None and stored is None
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     create = lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention)
@@ -559,15 +703,18 @@ def load(
             shardings = nnx.to_pure_dict(param_shardings(state, mesh))
         return jax.tree.map(lambda s, sh: (s.shape, s.dtype, sh), shapes, shardings)
 
-    # What is read from disk: the float parameters. What the model holds: the same, or,
-    # quantized, int8 values and scales in place of the projections (read as floats
-    # one block at a time, then quantized onto their final shardings).
+    # What the model holds: the float parameters, or int8 values and scales in place of
+    # the projections. What is read from disk: the same, except when quantizing a float
+    # checkpoint: then the floats, one block at a time, quantized onto their final
+    # shardings. The int8 targets' shardings come from the same rules either way.
     graphdef, state, rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
     targets = read = targets_of(state)
     if quantize is not None:
         quantized = lambda: int8.quantize(create(), quantize)
         graphdef, state, rest = nnx.split(nnx.eval_shape(quantized), nnx.Param, ...)
         targets = targets_of(state)
+        if not requantize:
+            read = targets
     is_target = lambda x: isinstance(x, tuple)
     placement = lambda tree: jax.tree.map(lambda t: t[2], tree, is_leaf=is_target)
 
@@ -579,7 +726,7 @@ def load(
         if len(name) == 2:
             tree = {name[0]: {name[1]: read[name[0]][name[1]]}}
         group = read_group(path, top_dir(name), tree)
-        if quantize is not None and name == ("output",):
+        if requantize and name == ("output",):
             out = placement(targets["output"])
             q, scale = int8.quantize_array(group["output"], name, (out["values"], out["scale"]))
             group = {"output": {"values": q, "scale": scale}}
@@ -587,7 +734,7 @@ def load(
     values["layers"] = {}
     for i in range(cfg.n_layers):
         block = read_group(path, layer_dir(i), read["layers"][i])
-        if quantize is not None:
+        if requantize:
             block = int8.quantize_block(block, placement(targets["layers"][i]))
         values["layers"][i] = block
     nnx.replace_by_pure_dict(state, values)

@@ -160,6 +160,7 @@ def tokenize_data(args, items, tokenizer, seq_len: int, what: str):
 def run(args) -> int:
     """`llama-jax train`: train or fine-tune, resumably; exit 0 when done, 143 on SIGTERM."""
     from llama_jax import checkpoint
+    from llama_jax.checkpoint import store
     from llama_jax.config import get_preset
     from llama_jax.sharding import describe_mesh, make_mesh
     from llama_jax.tokenizer import Tokenizer
@@ -172,6 +173,13 @@ def run(args) -> int:
         raise LlamaError("--lora-rank trains adapters on a frozen model: give it with --init CKPT.")
     if args.init:
         cfg = checkpoint.load_config(args.init)
+        if store.read_quantization(args.init) is not None:
+            # The trainer (and LoRA's frozen base) holds float weights of `cfg`'s dtype.
+            raise LlamaError(
+                f'--init {args.init}: this checkpoint holds int8 weights ("quantization" '
+                f"in {store.CONFIG_FILE}); training and LoRA start from float weights. Give "
+                "--init the float checkpoint it was quantized from."
+            )
         tok_path = args.tokenizer or str(Path(args.init) / "tokenizer.model")
     else:
         cfg = get_preset(args.preset or "tiny")
