@@ -46,6 +46,7 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from llama_jax.checkpoint.jsonio import read_json
+from llama_jax.checkpoint.tokenizer_files import HF_TOKENIZER_FILES
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
 
@@ -325,7 +326,14 @@ def model_quantization(model) -> str | None:
     return "int8" if "int8" in kinds else None
 
 
-def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force: bool = False):
+def save(
+    model,
+    path: str | os.PathLike,
+    *,
+    tokenizer: str | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
+    force: bool = False,
+):
     """Write a model's weights and config as a llama-jax checkpoint directory.
 
     Works for a model on one device or sharded over a mesh: each block is written by
@@ -337,6 +345,9 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
       model: a `Transformer`, with float or int8 (`Int8Weight`) projections.
       path: the directory to create (atomically: a temporary sibling, then a rename).
       tokenizer: a tokenizer.model file to copy into the checkpoint, or None.
+      tokenizer_from: a checkpoint directory whose tokenizer files (tokenizer.model and
+        Hugging Face's, whichever it holds) are copied into the new one, e.g. the float
+        checkpoint a quantized model was loaded from; `path` must lie outside it.
       force: replace an existing directory.
     Returns:
       The absolute path written.
@@ -351,8 +362,14 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
         raise LlamaError(f"tokenizer {tokenizer}: no such file.")
     quantization = model_quantization(model)
     extra = {} if quantization is None else {"quantization": quantization}
+    copied = []
+    if tokenizer_from is not None:
+        tokenizer_from = _abs(tokenizer_from)
+        names = (TOKENIZER_FILE, *HF_TOKENIZER_FILES)
+        copied = [n for n in names if os.path.isfile(os.path.join(tokenizer_from, n))]
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with atomic_directory(path, force) as tmp:
+    protect = () if tokenizer_from is None else (tokenizer_from,)
+    with atomic_directory(path, force, protect) as tmp:
         write_group(tmp, top_dir(("tok_embeddings",)), {"tok_embeddings": params["tok_embeddings"]})
         write_group(tmp, top_dir(("norm",)), {"norm": {"weight": params["norm"]["weight"]}})
         if not cfg.tie_word_embeddings:
@@ -360,6 +377,8 @@ def save(model, path: str | os.PathLike, *, tokenizer: str | None = None, force:
         for i in range(cfg.n_layers):
             write_group(tmp, layer_dir(i), params["layers"][i])
         write_config(tmp, cfg, tokenizer, **extra)
+        for name in copied if _primary() else ():
+            shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
     return _abs(path)
 
 

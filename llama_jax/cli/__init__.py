@@ -17,6 +17,7 @@ from llama_jax.errors import LlamaError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("llama_jax.cli.info", "describe a preset: shapes, parameters, memory; run a forward"),
     "convert": ("llama_jax.cli.convert", "Meta, Hugging Face or GGUF weights -> a checkpoint"),
+    "quantize": ("llama_jax.cli.quantize", "a checkpoint -> int8 weights, rounded or by GPTQ"),
     "export": ("llama_jax.cli.export", "a checkpoint -> Hugging Face or Meta weights"),
     "export-lora": ("llama_jax.cli.export_lora", "a LoRA run -> a peft adapter, or merged weights"),
     "generate": ("llama_jax.cli.generate", "continue a prompt (streamed), greedy or sampled"),
