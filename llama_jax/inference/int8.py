@@ -23,7 +23,9 @@ Opt-in, outside the model's reading path: `quantize(model)` replaces the project
 weights (wq, wk, wv, wo, w1, w2, w3 and an untied `output`) by `Int8Weight` modules,
 which `llama_jax.model.layers.linear` calls in place of the plain product. Embeddings and
 norms stay as they are. `llama_jax.load(path, quantize="int8")` quantizes each block as
-it is read.
+it is read. `quantize` rounds each weight to its nearest step; `llama_jax.inference.gptq`
+chooses the values from calibration activations instead (same format, closer outputs),
+and `llama_jax.checkpoint.save` writes either kind as an int8 checkpoint.
 
 Which axes are output channels follows the einsums (attention.py, layers.py,
 transformer.py) and is written once, as logical axes, in
