@@ -381,4 +381,10 @@ def test_cli_trains_exports_for_peft_and_merges(tmp_path, capsys):
     assert "--lora-rank trains adapters on a frozen model" in capsys.readouterr().err
     assert cli.main(["export-lora", str(tmp_path / "nope"), str(tmp_path / "y")]) == 2
     assert "no training checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # Merging into an int8 form of the base is refused: the merge needs its float weights.
+    assert cli.main(["quantize", str(tmp_path / "ckpt"), str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    z = ["export-lora", str(run), str(tmp_path / "z"), "--merge", "--base", str(tmp_path / "q")]
+    assert cli.main(z) == 2
+    assert "holds int8 weights; merging needs float ones" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 from flax import nnx
@@ -82,8 +81,7 @@ def load_run(run: str | os.PathLike, step: int | None = None):
 def run(args: argparse.Namespace) -> int:
     """`llama-jax export-lora`: write the adapter (peft) or the merged checkpoint."""
     from llama_jax import checkpoint
-    from llama_jax.checkpoint.store import TOKENIZER_FILE
-    from llama_jax.checkpoint.tokenizer_files import HF_TOKENIZER_FILES
+    from llama_jax.checkpoint.store import read_quantization
     from llama_jax.model import Transformer
     from llama_jax.training import lora
 
@@ -105,13 +103,15 @@ def run(args: argparse.Namespace) -> int:
         raise LlamaError(
             f"The base checkpoint {base!r} of this run is not a directory; give it with --base."
         )
+    if read_quantization(base) is not None:
+        raise LlamaError(
+            f"The base checkpoint {base} holds int8 weights; merging needs float ones. Give "
+            "the float checkpoint it was quantized from with --base."
+        )
     model = lora.apply_lora(checkpoint.load(base), *settings)
     lora.set_lora_state(model, adapters)
     merged = lora.merge(model)
-    path = checkpoint.save(merged, args.out, force=args.force)
-    # The base's tokenizer files, so the merged checkpoint generates like the base.
-    for name in (TOKENIZER_FILE, *HF_TOKENIZER_FILES):
-        if os.path.isfile(os.path.join(base, name)):
-            shutil.copyfile(os.path.join(base, name), os.path.join(path, name))
+    # With the base's tokenizer files, so the merged checkpoint generates like the base.
+    path = checkpoint.save(merged, args.out, tokenizer_from=base, force=args.force)
     print(f"wrote {path} (llama-jax checkpoint: {base} with the adapter merged)")
     return 0
