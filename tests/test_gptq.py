@@ -89,6 +89,18 @@ def test_an_input_never_active_is_plainly_rounded():
     np.testing.assert_array_equal(values[5], np.round(w[5] / scale).astype(np.int8))
 
 
+def test_non_finite_weights_or_activations_are_refused():
+    w, x = np.ones((8, 4), np.float32), np.ones((16, 8))
+    for bad_w, bad_x, what in [(True, False, "weight"), (False, True, "calibration activations")]:
+        ww, xx = w.copy(), x.copy()
+        if bad_w:
+            ww[2, 1] = np.nan
+        if bad_x:
+            xx[3, 0] = np.inf
+        with pytest.raises(LlamaError, match=f"non-finite {what}"):
+            gptq.gptq_weight(ww, xx, out_ndim=1)
+
+
 def test_multi_axis_weights_keep_their_shape_and_scales():
     rng = np.random.default_rng(5)
     w = rng.normal(size=(16, 4, 8)).astype(np.float32)  # wq-like [D, N, H]

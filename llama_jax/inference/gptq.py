@@ -67,6 +67,12 @@ def gptq_weight(
         chunk = x[start : start + 4096].astype(np.float64)
         H += chunk.T @ chunk
     H *= 2 / len(x)
+    if not (np.isfinite(W).all() and np.isfinite(H).all()):
+        what = "weight" if not np.isfinite(W).all() else "calibration activations"
+        raise LlamaError(
+            f"GPTQ: a {list(shape)} weight has non-finite {what} (NaN or inf); the "
+            "checkpoint is damaged or the model overflows in its dtype (try float32)."
+        )
 
     absmax = np.abs(W).max(axis=0)
     scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
@@ -119,8 +125,8 @@ class _Calibrating(nnx.Module):
             n_in = w.ndim - out_ndim
             if tuple(x.shape[x.ndim - n_in :]) != tuple(w.shape[:n_in]):
                 raise LlamaError(
-                    f"GPTQ: einsum {spec!r} does not take the {self.path} weight's input axes "
-                    "last in its activations."
+                    f"GPTQ: einsum {spec!r} does not take the {'.'.join(self.path)} "
+                    "weight's input axes last in its activations."
                 )
             values, scale = gptq_weight(np.asarray(w), np.asarray(x), out_ndim, self.damp)
             placed = int8.placement(w, self.path)
