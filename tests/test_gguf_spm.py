@@ -242,3 +242,40 @@ def test_added_tokens_follow_llama_cpp(sp_model, tmp_path):
     # Written by the template, control tokens are ids; a user's text spelling one is not.
     ids = tok.encode_dialog([{"role": "user", "content": "hi <|end|>"}])
     assert ids == [1, *sp.encode("hi <|end|>"), VOCAB + 1, *sp.encode("ok")]
+
+
+def test_a_model_without_the_space_prefix(tmp_path):
+    # SentencePiece's add_dummy_prefix=False, which llama.cpp stores as add_space_prefix.
+    import io
+
+    from tests.test_train import stdlib_docs
+
+    buf = io.BytesIO()
+    lines = [line for doc in stdlib_docs()[:4] for line in doc.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=VOCAB,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )
+    (tmp_path / "tok.model").write_bytes(buf.getvalue())
+    base = vocab_setup(tmp_path / "tok.model")
+
+    def setup(w):
+        base(w)
+        w.add_add_space_prefix(False)
+
+    write_gguf(tmp_path / "m.gguf", CFG_SPM, setup=setup)
+    convert(tmp_path / "m.gguf", tmp_path / "ckpt", progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    tok = Tokenizer.load(tmp_path / "ckpt")
+    assert sp.IdToPiece(sp.encode("a")[0]) == "a"  # no "▁" before the text
+    for s in TEXTS:
+        assert tok.encode(s, bos=False) == sp.encode(s), s
+        assert tok.decode(sp.encode(s)) == s, s
