@@ -16,8 +16,13 @@ from llama_jax.errors import LlamaError
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=96)
 
 
-def write_gguf(path, cfg=CFG, types=None, arch="llama", extra=None, drop=(), rope_freqs=None):
-    """A tiny GGUF model: random Meta-layout tensors under llama.cpp's names."""
+def write_gguf(
+    path, cfg=CFG, types=None, arch="llama", extra=None, drop=(), rope_freqs=None, setup=None
+):
+    """A tiny GGUF model: random Meta-layout tensors under llama.cpp's names.
+
+    `setup(writer)`, if given, adds more metadata (a vocabulary) before the file is written.
+    """
     rng = np.random.default_rng(0)
     w = GGUFWriter(str(path), arch)
     w.add_block_count(cfg.n_layers)
@@ -30,6 +35,8 @@ def write_gguf(path, cfg=CFG, types=None, arch="llama", extra=None, drop=(), rop
     w.add_context_length(cfg.max_seq_len)
     for key, value in (extra or {}).items():
         w.add_uint32(key, value)
+    if setup is not None:
+        setup(w)
     tensors = {}
     for name in layout.meta_names(cfg):
         if name in drop:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import Counter
 
 import numpy as np
 
@@ -59,7 +60,8 @@ _TOP_NAMES = {
 }
 
 # llama.cpp's token types (llama_token_type): control tokens are special.
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
+_TOKEN_UNUSED, _TOKEN_BYTE = 5, 6
 
 # llama.cpp's pre-tokenizer names whose split is Llama 3's regular expression.
 _LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")
@@ -306,33 +308,108 @@ class GGUFSource(Source):
     def tokenizer_files(self) -> dict[str, bytes]:
         """The GGUF vocabulary as Hugging Face tokenizer files, or {} when there is none.
 
+        Two kinds of vocabulary are rebuilt (`tokenizer.ggml.model`):
+
+        - "gpt2": byte-level BPE from the tokens and merges (Llama 3 and most recent models);
+        - "llama": SentencePiece BPE with byte fallback (Llama 1 and 2) from the tokens,
+          scores and token types, see `_sentencepiece_bpe`.
+
         Returns:
           {"tokenizer.json": ..., "tokenizer_config.json": ..., "generation_config.json":
-          ...} as bytes, for a byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2",
-          the kind Llama 3 and most recent models use). Other vocabularies give {}.
+          ...} as bytes; {} for other vocabularies.
         Raises:
           LlamaError: the vocabulary metadata is inconsistent.
         """
-        if self._get("tokenizer.ggml.model") != "gpt2":
+        kind = self._get("tokenizer.ggml.model")
+        if kind not in ("gpt2", "llama"):
             return {}
         tokens = self._get("tokenizer.ggml.tokens", required=True)
-        merges = self._get("tokenizer.ggml.merges", required=True)
         types = self._get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        for key, value in (("tokens", tokens), ("token_type", types)):
+            if not isinstance(value, list):
+                raise LlamaError(f"{self.src}: tokenizer.ggml.{key} is not an array.")
         if len(types) != len(tokens) or len(tokens) > self.cfg.vocab_size:
             raise LlamaError(
                 f"{self.src}: {len(tokens)} tokens and {len(types)} token types for a model of "
                 f"{self.cfg.vocab_size} embeddings; the vocabulary metadata is inconsistent."
             )
-        pre = self._get("tokenizer.ggml.pre", "default")
-        tok = _byte_level_bpe(tokens, merges, types, pre)
+        if not all(isinstance(t, str) for t in tokens):
+            raise LlamaError(f"{self.src}: tokenizer.ggml.tokens holds a value that is not text.")
+        known = range(_TOKEN_NORMAL, _TOKEN_BYTE + 1)
+        bad = next(
+            (t for t in types if not isinstance(t, int | np.integer) or t not in known), None
+        )
+        if bad is not None:
+            raise LlamaError(
+                f"{self.src}: tokenizer.ggml.token_type holds {bad!r}; llama.cpp's token "
+                "types are 1 to 6. The vocabulary metadata is damaged."
+            )
+        types = [int(t) for t in types]
+        # llama.cpp's defaults for a SentencePiece vocabulary that does not name them.
+        defaults = {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0}
+        if kind == "llama":
+            defaults = {k: v for k, v in defaults.items() if v < len(tokens)}
+        else:
+            defaults = {}
 
-        def token(key: str) -> str | None:
-            i = self._get(f"tokenizer.ggml.{key}")
+        def token_id(key: str) -> int | None:
+            i = self._get(f"tokenizer.ggml.{key}", defaults.get(key))
             if i is None:
                 return None
+            if isinstance(i, bool) or not isinstance(i, int | np.integer):
+                raise LlamaError(f"{self.src}: tokenizer.ggml.{key} = {i!r} is not a token id.")
             if not 0 <= int(i) < len(tokens):
-                raise LlamaError(f"{self.src}: tokenizer.ggml.{key} = {i} is not a token id.")
-            return tokens[int(i)]
+                raise LlamaError(
+                    f"{self.src}: tokenizer.ggml.{key} = {i} is not a token id (the "
+                    f"vocabulary has {len(tokens)} tokens); the file is damaged."
+                )
+            return int(i)
+
+        def token(key: str) -> str | None:
+            i = token_id(key)
+            return None if i is None else tokens[i]
+
+        # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says not to.
+        add_bos = bool(self._get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        add_eos = bool(self._get("tokenizer.ggml.add_eos_token", False))
+        if len(set(tokens)) != len(tokens):
+            twice = next(t for t, n in Counter(tokens).items() if n > 1)
+            raise LlamaError(
+                f"{self.src}: the vocabulary lists the token {twice!r} twice; the file is damaged."
+            )
+        if kind == "gpt2":
+            merges = self._get("tokenizer.ggml.merges", required=True)
+            pre = self._get("tokenizer.ggml.pre", "default")
+            try:
+                tok = _byte_level_bpe(tokens, merges, types, pre)
+            except LlamaError as e:
+                raise LlamaError(f"{self.src}: {e}") from None
+        else:
+            scores = self._get("tokenizer.ggml.scores", required=True)
+            if not isinstance(scores, list) or len(scores) != len(tokens):
+                n = len(scores) if isinstance(scores, list) else "no array of"
+                raise LlamaError(
+                    f"{self.src}: {len(tokens)} tokens but {n} scores; the "
+                    "vocabulary metadata is inconsistent."
+                )
+            try:
+                scores = np.asarray(scores, np.float64)
+            except (TypeError, ValueError):
+                scores = np.array([np.nan])
+            if scores.ndim != 1 or not np.isfinite(scores).all():
+                raise LlamaError(
+                    f"{self.src}: tokenizer.ggml.scores holds a value that is not a finite "
+                    "number; the vocabulary metadata is damaged."
+                )
+            tok = _sentencepiece_bpe(
+                tokens,
+                scores.tolist(),
+                types,
+                unk=token("unknown_token_id"),
+                add_space_prefix=bool(self._get("tokenizer.ggml.add_space_prefix", True)),
+                bos=token("bos_token_id") if add_bos else None,
+                eos=token("eos_token_id") if add_eos else None,
+            )
 
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -340,10 +417,14 @@ class GGUFSource(Source):
             "eos_token": token("eos_token_id"),
             "unk_token": token("unknown_token_id"),
             "pad_token": token("padding_token_id"),
-            "add_bos_token": bool(self._get("tokenizer.ggml.add_bos_token", False)),
-            "add_eos_token": bool(self._get("tokenizer.ggml.add_eos_token", False)),
+            "add_bos_token": add_bos,
+            "add_eos_token": add_eos,
             "model_max_length": self.cfg.max_seq_len,
         }
+        if kind == "llama":
+            # Decoded text is the SentencePiece model's, with no spaces removed before
+            # punctuation (transformers' clean-up would).
+            config["clean_up_tokenization_spaces"] = False
         template = self._get("tokenizer.chat_template")
         if isinstance(template, str):
             config["chat_template"] = template
@@ -354,9 +435,9 @@ class GGUFSource(Source):
         }
         # End of turn (llama.cpp's eot/eom) ends generation as well as end of text.
         stops = [
-            int(i)
+            i
             for key in ("eos_token_id", "eot_token_id", "eom_token_id")
-            if (i := self._get(f"tokenizer.ggml.{key}")) is not None
+            if (i := token_id(key)) is not None
         ]
         if stops:
             generation = {"eos_token_id": sorted(set(stops), key=stops.index)}
@@ -407,6 +488,84 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre:
     ]
     tok.add_special_tokens([a for a in added if a.special])
     tok.add_tokens([a for a in added if not a.special])
+    return tok
+
+
+def _sentencepiece_bpe(
+    tokens: list[str],
+    scores: list[float],
+    types: list[int],
+    *,
+    unk: str | None,
+    add_space_prefix: bool,
+    bos: str | None,
+    eos: str | None,
+):
+    """A `tokenizers.Tokenizer` for a GGUF SentencePiece vocabulary ("llama" model).
+
+    SentencePiece's BPE repeatedly joins the adjacent pair whose join is the piece of
+    highest score. A BPE model whose merges are every split of every piece into two pieces,
+    ranked by the joined piece's score, does the same (transformers' `generate_merges`).
+    Control, unknown and byte pieces are never the result of a join in SentencePiece, nor
+    are unused ones kept, so they make no merges. Characters without a piece become their
+    UTF-8 bytes `<0xNN>` (byte fallback).
+
+    Text is prepared as Hugging Face's Llama 1/2 tokenizer.json and llama.cpp prepare it:
+    spaces become "▁", and "▁" is put before the text (`add_space_prefix`, SentencePiece's
+    dummy prefix) and before text that follows a special or user-defined token. Control
+    tokens are special added tokens (never matched in a user's text by `Tokenizer.encode`),
+    user-defined ones plain added tokens (always matched whole, as llama.cpp does).
+
+    Args:
+      tokens, scores, types: the file's vocabulary, already checked.
+      unk: the unknown token's text (byte fallback makes it rare).
+      add_space_prefix: SentencePiece's dummy prefix (`tokenizer.ggml.add_space_prefix`).
+      bos, eos: the texts the post-processor puts around a sequence (for users of the
+        tokenizer.json outside llama-jax), or None.
+    Returns:
+      the tokenizer.
+    """
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as RustTokenizer
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    joinable = {
+        t: s
+        for t, s, ty in zip(tokens, scores, types, strict=True)
+        if ty in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED)
+    }
+    ranked = []
+    for piece, score in joinable.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in joinable and right in joinable:
+                ranked.append((-score, vocab[piece], k, left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    model = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    tok = RustTokenizer(model)
+    spaces = normalizers.Replace(" ", "▁")
+    tok.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("▁"), spaces]) if add_space_prefix else spaces
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:  # the dummy prefix is not part of the text
+        steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(steps)
+    added = [
+        AddedToken(t, special=ty == _TOKEN_CONTROL, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+    ]
+    tok.add_special_tokens([a for a in added if a.special])
+    tok.add_tokens([a for a in added if not a.special])
+    ends = [t for t in (bos, eos) if t is not None]
+    if ends:
+        single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
+        pair = single + " " + single.replace("$A:0", "$B:1").replace(":0", ":1")
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in dict.fromkeys(ends)]
+        )
     return tok
 
 
