@@ -127,6 +127,12 @@ def test_quantize_makes_every_projection_int8_and_tracks_the_float_model_better(
     assert out is model
     kinds = {type(getattr(owner, name)) for owner, name, _ in int8.projections(model)}
     assert kinds == {int8.Int8Weight}
+    for (owner, name, _), (r_owner, r_name, _) in zip(
+        int8.projections(model), int8.projections(rtn), strict=True
+    ):  # the same scales as rounding, bit for bit; only the values differ
+        got, want = getattr(owner, name), getattr(r_owner, r_name)
+        np.testing.assert_array_equal(np.asarray(got.scale[...]), np.asarray(want.scale[...]))
+        assert (np.asarray(got.values[...]) != np.asarray(want.values[...])).any()
     held_out = np.random.default_rng(7).integers(0, 256, (4, 64))
     for tokens, bound in [(CALIBRATION, 0.9), (held_out, 0.95)]:
         tokens = jnp.asarray(tokens, jnp.int32)

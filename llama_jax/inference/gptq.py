@@ -46,7 +46,7 @@ MIN_TOKENS = 16  # less calibration text than this is refused
 
 
 def gptq_weight(
-    w: np.ndarray, x: np.ndarray, out_ndim: int, damp: float = 0.01
+    w: np.ndarray, x: np.ndarray, out_ndim: int, damp: float = 0.01, scale=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One weight quantized by GPTQ from its inputs on the calibration tokens.
 
@@ -55,6 +55,9 @@ def gptq_weight(
       x: its inputs [..., *input axes] (the activations the weight multiplies).
       out_ndim: how many trailing axes of `w` are output channels (wq: 2).
       damp: added to H's diagonal, as a fraction of its mean, before inverting.
+      scale: the per-output-channel scales (shaped like w's output axes); default
+        absmax / 127 over the input axes. `quantize` passes `int8.quantize_array`'s, so
+        a model's scales are bit for bit those of rounding.
     Returns:
       (values int8 shaped like w, scale float32 shaped like w's output axes).
     """
@@ -74,8 +77,10 @@ def gptq_weight(
             "checkpoint is damaged or the model overflows in its dtype (try float32)."
         )
 
-    absmax = np.abs(W).max(axis=0)
-    scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
+    if scale is None:
+        absmax = np.abs(W).max(axis=0)
+        scale = np.where(absmax > 0, absmax / np.float32(127), 1.0)
+    scale = np.asarray(scale, np.float32).reshape(-1)
     # An input that is zero on every calibration token gets H[i, i] = 1: no error is
     # passed to or from it, so it is plainly rounded.
     diag = np.diag(H).copy()
@@ -128,7 +133,8 @@ class _Calibrating(nnx.Module):
                     f"GPTQ: einsum {spec!r} does not take the {'.'.join(self.path)} "
                     "weight's input axes last in its activations."
                 )
-            values, scale = gptq_weight(np.asarray(w), np.asarray(x), out_ndim, self.damp)
+            scale = np.asarray(int8.quantize_array(w, self.path)[1])  # rounding's scales
+            values, scale = gptq_weight(np.asarray(w), np.asarray(x), out_ndim, self.damp, scale)
             placed = int8.placement(w, self.path)
             self.quantized = int8.Int8Weight(
                 jax.device_put(values, placed[0]), jax.device_put(scale, placed[1])
