@@ -54,7 +54,8 @@ def add_arguments(p) -> None:
     src.add_argument(
         "--init",
         metavar="CKPT",
-        help="fine-tune from a llama-jax checkpoint (from `llama-jax convert`)",
+        help="fine-tune from a llama-jax checkpoint (from `llama-jax convert`; an int8 one "
+        "from `llama-jax quantize` with --lora-rank only)",
     )
     p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --init)")
     for flag, field, kind in [
@@ -173,13 +174,18 @@ def run(args) -> int:
         raise LlamaError("--lora-rank trains adapters on a frozen model: give it with --init CKPT.")
     if args.init:
         cfg = checkpoint.load_config(args.init)
-        if store.read_quantization(args.init) is not None:
-            # The trainer (and LoRA's frozen base) holds float weights of `cfg`'s dtype.
+        quantization = store.read_quantization(args.init)
+        if quantization is not None and not tc.lora_rank:
+            # int8 values have no gradient: only adapters on them can be trained.
             raise LlamaError(
                 f'--init {args.init}: this checkpoint holds int8 weights ("quantization" '
-                f"in {store.CONFIG_FILE}); training and LoRA start from float weights. Give "
-                "--init the float checkpoint it was quantized from."
+                f"in {store.CONFIG_FILE}), which cannot be trained. Train LoRA adapters on "
+                "it with --lora-rank R, or give --init the float checkpoint it was "
+                "quantized from."
             )
+        if quantization is not None:
+            # The frozen base stays int8, as stored; only the adapters are float32.
+            tc = dataclasses.replace(tc, base_quantization=quantization)
         tok_path = args.tokenizer or str(Path(args.init) / "tokenizer.model")
     else:
         cfg = get_preset(args.preset or "tiny")
@@ -213,7 +219,8 @@ def run(args) -> int:
     extra_meta = None
     if tc.lora_rank:
         # The run's checkpoints hold the adapters only: the base is read again on resume
-        # (in its own dtype), and its path is recorded for `llama-jax export-lora`.
+        # (in its own dtype, or int8 as stored), and its path is recorded for
+        # `llama-jax export-lora`.
         from llama_jax.training.lora import count_lora_params
 
         model = checkpoint.load(args.init, mesh=mesh)
@@ -221,9 +228,10 @@ def run(args) -> int:
         del model
         extra_meta = {"lora_base": str(Path(args.init).expanduser().absolute())}
         n = count_lora_params(cfg, tc.lora_targets, tc.lora_rank)
+        on_int8 = "; the base stays int8" if tc.base_quantization else ""
         print(
             f"LoRA: {n:,} trainable parameters (rank {tc.lora_rank} on "
-            f"{','.join(tc.lora_targets)}; {n / cfg.num_params():.3%} of the model)"
+            f"{','.join(tc.lora_targets)}; {n / cfg.num_params():.3%} of the model{on_int8})"
         )
     elif args.init and read_checkpoint_meta(Path(args.out) / "checkpoints") is None:
         model = checkpoint.load(args.init, mesh=mesh, dtype="float32")
@@ -247,9 +255,11 @@ def run(args) -> int:
         adapter_dir = Path(args.out) / "adapter"
         model = result.trainer.model(result.params)
         export_peft(model, adapter_dir, base_model=extra_meta["lora_base"], force=True)
+        # Merging needs float weights: those of the checkpoint an int8 base came from.
+        base_flag = " --base FLOAT_CKPT" if tc.base_quantization else ""
         print(
             f"adapter: {adapter_dir} (peft format); merged weights: "
-            f"llama-jax export-lora {args.out} MERGED --merge"
+            f"llama-jax export-lora {args.out} MERGED --merge{base_flag}"
         )
         return 0
     model_dir = Path(args.out) / "model"

@@ -20,7 +20,15 @@ from llama_jax.training.step import TrainConfig, Trainer
 
 # Fields that fix the trajectory of a run: resuming with any of them changed would not
 # continue the same run.
-_RESUME_KEYS = ("batch_size", "seq_len", "seed", "micro_batches", "lora_rank", "lora_targets")
+_RESUME_KEYS = (
+    "batch_size",
+    "seq_len",
+    "seed",
+    "micro_batches",
+    "lora_rank",
+    "lora_targets",
+    "base_quantization",
+)
 
 
 @dataclasses.dataclass

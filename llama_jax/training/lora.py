@@ -356,7 +356,8 @@ def frozen_from_plain(plain: dict, frozen_like: dict) -> dict:
     """A plain model's parameter dict rearranged as an adapted model's frozen state.
 
     An adapted model keeps each wrapped weight under `.../wq/base`; this takes it from
-    `.../wq` of `plain` (e.g. weights from a converted checkpoint).
+    `.../wq` of `plain` (e.g. weights from a converted checkpoint): an array, or an int8
+    weight's {"values", "scale"} (from an int8 checkpoint).
 
     Args:
       plain: nested dict of a plain Transformer's parameters.
@@ -368,7 +369,8 @@ def frozen_from_plain(plain: dict, frozen_like: dict) -> dict:
     def fill(like, src, path):
         out = {}
         for k, v in like.items():
-            if isinstance(v, dict) and set(v) == {"base"} and not isinstance(src.get(k), dict):
+            wrapped = isinstance(v, dict) and set(v) == {"base"}
+            if wrapped and k in src and not (isinstance(src[k], dict) and "base" in src[k]):
                 out[k] = {"base": src[k]}
             elif isinstance(v, dict):
                 if not isinstance(src.get(k), dict):

@@ -80,6 +80,10 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("wq", "wv")
     lora_dropout: float = 0.0  # on the adapters' input; the frozen base sees none
+    # None: the frozen base holds float weights of the config's param_dtype. "int8" (LoRA
+    # only): its projections are int8 values with float32 per-channel scales
+    # (llama_jax.inference.int8), as read from an int8 checkpoint; they are never trained.
+    base_quantization: str | None = None
 
     def __post_init__(self):
         for name in (
@@ -111,6 +115,15 @@ class TrainConfig:
         if self.lora_rank != 0:
             lora.check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout)
             object.__setattr__(self, "lora_targets", lora.check_targets(self.lora_targets))
+        if self.base_quantization is not None:
+            from llama_jax.inference import int8
+
+            int8.check_method(self.base_quantization)
+            if self.lora_rank == 0:
+                raise LlamaError(
+                    f"TrainConfig.base_quantization={self.base_quantization!r} needs LoRA: "
+                    "int8 weights cannot be trained, only adapters on them (--lora-rank)."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -245,7 +258,8 @@ def train_step(
 def training_config(cfg: LlamaConfig, tc: TrainConfig) -> LlamaConfig:
     """The model config as trained: float32 master weights, matmuls in tc.compute_dtype.
 
-    With LoRA the frozen base keeps `cfg.param_dtype` (bfloat16 halves its memory); the
+    With LoRA the frozen base keeps `cfg.param_dtype` (bfloat16 halves its memory; with
+    `tc.base_quantization` "int8" that is the dtype of its embeddings and norms only); the
     adapters, the only weights updated, are float32.
     """
     if tc.lora_rank:
@@ -335,6 +349,11 @@ class Trainer:
         tc = self.tc
         seed = tc.seed if seed is None else seed
         model = Transformer(self.cfg, rngs=nnx.Rngs(seed), remat=tc.remat)
+        if tc.base_quantization is not None:
+            # Before the adapters wrap them: each adapter's base is then an Int8Weight.
+            from llama_jax.inference import int8
+
+            int8.quantize(model, tc.base_quantization)
         if self.lora:
             lora.apply_lora(
                 model, tc.lora_targets, tc.lora_rank, tc.lora_alpha, tc.lora_dropout, seed=seed
@@ -382,10 +401,14 @@ class Trainer:
         Args:
           params: the base's weights as a plain Transformer's nested dict (e.g. from a
             converted checkpoint), any dtype and placement; they are cast to the config's
-            param_dtype and placed on the mesh shard by shard. None: random weights.
+            param_dtype and placed on the mesh shard by shard. With
+            `tc.base_quantization` "int8" the projections must be int8 already
+            ({"values", "scale"}, as an int8 checkpoint holds them) and are kept as they
+            are. None: random weights (quantized when the base is int8).
           seed: the seed of random base weights (default tc.seed).
         Raises:
-          LlamaError: no LoRA, or `params` not shaped like the model config.
+          LlamaError: no LoRA, `params` not shaped like the model config, or float
+            projections for an int8 base (or int8 ones for a float base).
         """
         if not self.lora:
             raise LlamaError("set_base is for LoRA runs (TrainConfig.lora_rank > 0).")
@@ -393,14 +416,34 @@ class Trainer:
             make = lambda: nnx.to_pure_dict(nnx.split(self._create(seed), lora.LoRAParam, ...)[2])
             self.frozen = jax.jit(make, out_shardings=self.frozen_shardings)()
             return
+        self._check_base_quantization(params)
         params = lora.frozen_from_plain(params, self.abstract_frozen)
         self._check_shapes(self.abstract_frozen, params)
         if self.mesh is not None:
             params = jax.device_put(params, self.frozen_shardings)
         # Arrays already of the right dtype and placement are used as they are: the base
-        # is the largest thing in memory and is never written, so it is not copied.
-        dtype = jnp.dtype(self.cfg.param_dtype)
-        self.frozen = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        # is the largest thing in memory and is never written, so it is not copied. Each
+        # takes the model's dtype for it: param_dtype, or int8 values and float32 scales.
+        self.frozen = jax.tree.map(
+            lambda a, like: jnp.asarray(a, like.dtype), params, self.abstract_frozen
+        )
+
+    def _check_base_quantization(self, params: dict) -> None:
+        # An int8 projection is a dict {"values", "scale"} where a float one is an array.
+        try:
+            wq = params["layers"][0]["attention"]["wq"]
+        except (KeyError, IndexError, TypeError):
+            return  # _check_shapes names the mismatch
+        if isinstance(wq, dict) and "base" in wq:  # already in the adapted layout
+            wq = wq["base"]
+        given = "int8" if isinstance(wq, dict) and "values" in wq else None
+        want = self.tc.base_quantization
+        if given != want:
+            raise LlamaError(
+                f"The base weights are {given or 'float'} but the run's base is "
+                f"{want or 'float'} (TrainConfig.base_quantization={want!r}); give the "
+                "base the run was started with, or a new run directory."
+            )
 
     def _check_shapes(self, abstract: dict, params: dict) -> None:
         want = jax.tree.map(lambda a: (a.shape,), abstract)
