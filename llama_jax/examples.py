@@ -199,3 +199,54 @@ def notebook_checkpoint(setting: str | None = None) -> Path | None:
     except LlamaError as e:
         print(f"FALLBACK to a tiny RANDOM model: the trained model is unavailable.\n{e}")
         return None
+
+
+# Real English text that every CPython ships: the topics of Python's own documentation
+# (`pydoc_data.topics`, what `help("if")` prints). Two disjoint sets of topics, for
+# calibrating GPTQ and for measuring it on text it never saw (tests/test_gptq.py,
+# notebook 04, docs/performance.md "int8").
+CALIBRATION_TOPICS = (
+    "formatstrings",
+    "string-methods",
+    "debugger",
+    "typesmapping",
+    "comparisons",
+    "assignment",
+    "strings",
+    "identifiers",
+)
+HELD_OUT_TOPICS = (
+    "calls",
+    "class",
+    "exceptions",
+    "execmodel",
+    "function",
+    "import",
+    "naming",
+    "specialnames",
+    "typesseq",
+    "try",
+)
+
+
+def python_docs(topics: tuple[str, ...]) -> list[str]:
+    """The text of some topics of Python's documentation (`pydoc_data.topics`), in order.
+
+    Args:
+      topics: topic names, e.g. CALIBRATION_TOPICS.
+    Returns:
+      one string per topic.
+    Raises:
+      LlamaError: this Python was installed without pydoc_data, or a topic is unknown.
+    """
+    try:
+        from pydoc_data.topics import topics as all_topics
+    except ImportError:
+        raise LlamaError(
+            "this Python has no pydoc_data (its documentation topics); install the full "
+            "standard library (e.g. Debian's libpython3-stdlib) or use other text."
+        ) from None
+    missing = [t for t in topics if t not in all_topics]
+    if missing:
+        raise LlamaError(f"pydoc_data has no topic {missing[0]!r}.")
+    return [all_topics[t] for t in topics]

@@ -43,7 +43,6 @@
 import tempfile
 import time
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 import llama_jax as lj
+from llama_jax import examples
 from llama_jax.examples import notebook_checkpoint
 from llama_jax.inference import gptq, int8
 from llama_jax.inference.sampling import filter_logits, sample
@@ -660,39 +660,15 @@ assert bf16_error < rounding_error < 0.03
 # On one weight, with real activations: layer 0's wq reads the normed embeddings, so its
 # input is `model.layers[0].attention_norm` of the embedding rows, computed with the
 # model's own modules. The calibration text and the held-out text are two disjoint sets
-# of topics from Python's own documentation (`pydoc_data.topics`, in every CPython), as
-# in `tests/test_gptq.py`. The errors below are relative: ||X (W - Q)|| / ||X W||.
+# of topics from Python's own documentation (`pydoc_data.topics`, in every CPython;
+# `llama_jax.examples.python_docs`), as in `tests/test_gptq.py`. The errors below are relative: ||X (W - Q)|| / ||X W||.
 
 # %%
-CALIBRATION_TOPICS = (
-    "formatstrings",
-    "string-methods",
-    "debugger",
-    "typesmapping",
-    "comparisons",
-    "assignment",
-    "strings",
-    "identifiers",
-)
-HELD_OUT_TOPICS = (
-    "calls",
-    "class",
-    "exceptions",
-    "execmodel",
-    "function",
-    "import",
-    "naming",
-    "specialnames",
-    "typesseq",
-    "try",
-)
 ROW_LENGTH = min(256, cfg.max_seq_len)
-calibration = gptq.calibration_rows(
-    tok, "\n\n".join(topics[t] for t in CALIBRATION_TOPICS), rows=4, length=ROW_LENGTH
-)
-held_out = gptq.calibration_rows(
-    tok, "\n\n".join(topics[t] for t in HELD_OUT_TOPICS), rows=6, length=ROW_LENGTH
-)
+calibration_text = "\n\n".join(examples.python_docs(examples.CALIBRATION_TOPICS))
+held_out_text = "\n\n".join(examples.python_docs(examples.HELD_OUT_TOPICS))
+calibration = gptq.calibration_rows(tok, calibration_text, rows=4, length=ROW_LENGTH)
+held_out = gptq.calibration_rows(tok, held_out_text, rows=6, length=ROW_LENGTH)
 print(f"calibration {calibration.shape}, held out {held_out.shape} (rows x tokens, BOS first)")
 
 

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import llama_jax as lj
+from llama_jax import examples
 from llama_jax.checkpoint.store import save
 from llama_jax.cli import main
 from llama_jax.errors import LlamaError
@@ -251,44 +252,17 @@ def trained():
     return trained_checkpoint()
 
 
-# Python's own documentation (the `pydoc_data` topics every CPython ships): real English
-# prose about the language, split into text to calibrate on and text held out from it.
-CALIBRATION_TOPICS = (
-    "formatstrings",
-    "string-methods",
-    "debugger",
-    "typesmapping",
-    "comparisons",
-    "assignment",
-    "strings",
-    "identifiers",
-)
-HELD_OUT_TOPICS = (
-    "calls",
-    "class",
-    "exceptions",
-    "execmodel",
-    "function",
-    "import",
-    "naming",
-    "specialnames",
-    "typesseq",
-    "try",
-)
-
-
 def test_gptq_int8_agrees_with_float32_on_held_out_text(tmp_path, capsys):
-    # docs/performance.md ("int8") quotes this test's figures.
-    from pydoc_data.topics import topics
-
+    # docs/performance.md ("int8") quotes this test's figures. Calibration and held-out
+    # text: two disjoint sets of topics of Python's own documentation.
     src = trained()
     text = tmp_path / "calibration.txt"
-    text.write_text("\n\n".join(topics[name] for name in CALIBRATION_TOPICS))
+    text.write_text("\n\n".join(examples.python_docs(examples.CALIBRATION_TOPICS)))
     dst = tmp_path / "gptq"
     assert main(["quantize", str(src), str(dst), "--calibration", str(text), "--rows", "8"]) == 0
     assert "calibrating on 8 x 512 tokens" in capsys.readouterr().out
     tok = lj.Tokenizer.load(dst)  # the tokenizer files came along
-    held_out = [tok.encode(topics[name])[:1024] for name in HELD_OUT_TOPICS]
+    held_out = [tok.encode(t)[:1024] for t in examples.python_docs(examples.HELD_OUT_TOPICS)]
     f32, q_gptq = lj.load(src), lj.load(dst)
     q_rtn = lj.load(src, quantize="int8")
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from llama_jax import cli, training
-from llama_jax.config import PRESETS, LlamaConfig
+from llama_jax.config import PRESETS
 from llama_jax.errors import LlamaError
 from llama_jax.model import Transformer, build_model
 from llama_jax.sharding import make_mesh
@@ -299,21 +299,10 @@ def test_killed_lora_run_resumes_with_identical_losses(tmp_path):
 
 
 def test_cli_trains_exports_for_peft_and_merges(tmp_path, capsys):
-    import shutil
-
     from llama_jax import checkpoint
-    from llama_jax.tokenizer import train_sentencepiece
-    from tests.hf_oracle import make_hf_model
-    from tests.test_train import stdlib_docs
+    from tests.test_train import converted_checkpoint, stdlib_docs
 
-    train_sentencepiece(iter(stdlib_docs()[:4]), tmp_path / "tok.model", vocab_size=400)
-    cfg = LlamaConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=96, max_seq_len=128
-    )
-    hf = make_hf_model(cfg, seed=3, std=0.02)
-    hf.save_pretrained(tmp_path / "hf")
-    shutil.copy(tmp_path / "tok.model", tmp_path / "hf" / "tokenizer.model")
-    checkpoint.convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    converted_checkpoint(tmp_path)
     (tmp_path / "text.txt").write_text("\n\n".join(stdlib_docs()[:3]))
     run = tmp_path / "run"
     argv = [

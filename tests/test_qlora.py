@@ -5,7 +5,6 @@ through training; only the adapters are trained, checkpointed and exported.
 """
 
 import dataclasses
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ import pytest
 from flax import nnx
 
 from llama_jax import cli, training
-from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
 from llama_jax.inference import int8
 from llama_jax.model import build_model
@@ -91,19 +89,10 @@ def test_cli_lora_on_an_int8_checkpoint_trains_resumes_exports_and_merges(
     from llama_jax import checkpoint
     from llama_jax.cli import train as train_cli
     from llama_jax.cli.export_lora import load_run
-    from llama_jax.tokenizer import train_sentencepiece
-    from tests.hf_oracle import make_hf_model
-    from tests.test_train import stdlib_docs
+    from tests.test_train import converted_checkpoint, stdlib_docs
 
-    train_sentencepiece(iter(stdlib_docs()[:4]), tmp_path / "tok.model", vocab_size=400)
-    cfg = LlamaConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=96, max_seq_len=128
-    )
-    hf = make_hf_model(cfg, seed=3, std=0.02)
-    hf.save_pretrained(tmp_path / "hf")
-    shutil.copy(tmp_path / "tok.model", tmp_path / "hf" / "tokenizer.model")
+    converted_checkpoint(tmp_path)
     ckpt, q = tmp_path / "ckpt", tmp_path / "q"
-    checkpoint.convert(tmp_path / "hf", ckpt, progress=False)
     assert cli.main(["quantize", str(ckpt), str(q)]) == 0
     (tmp_path / "text.txt").write_text("\n\n".join(stdlib_docs()[:3]))
     results = []

@@ -41,6 +41,29 @@ def stdlib_docs(package: str = "json") -> list[str]:
     return data.read_documents(sorted(root.glob("*.py")))
 
 
+def converted_checkpoint(tmp_path):
+    """A tiny HF model with a SentencePiece tokenizer, converted to TMP/ckpt: (cfg, hf model).
+
+    The checkpoint a user fine-tunes: `llama-jax convert` of a transformers directory
+    holding tokenizer.model (TMP/tok.model, trained on the stdlib; TMP/hf the source).
+    """
+    import shutil
+
+    from llama_jax import checkpoint
+    from llama_jax.tokenizer import train_sentencepiece
+    from tests.hf_oracle import make_hf_model
+
+    train_sentencepiece(iter(stdlib_docs()[:4]), tmp_path / "tok.model", vocab_size=400)
+    cfg = LlamaConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=96, max_seq_len=128
+    )
+    hf = make_hf_model(cfg, seed=3, std=0.02)
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copy(tmp_path / "tok.model", tmp_path / "hf" / "tokenizer.model")
+    checkpoint.convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    return cfg, hf
+
+
 def random_batch(M, b, T, seed=0, weights=None):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, CFG.vocab_size, (M, b, T + 1)).astype(np.int32)
@@ -370,20 +393,10 @@ def test_cli_reports_bad_data_paths_and_empty_corpora(tmp_path, capsys):
 
 def test_fine_tuning_starts_from_a_converted_checkpoint(tmp_path):
     """HF weights -> `llama-jax convert` -> `llama-jax train --init --task sft` -> model/."""
-    import shutil
-
     from llama_jax import checkpoint
-    from llama_jax.tokenizer import train_sentencepiece
-    from tests.hf_oracle import hf_params, make_hf_model
+    from tests.hf_oracle import hf_params
 
-    train_sentencepiece(iter(stdlib_docs()[:4]), tmp_path / "tok.model", vocab_size=400)
-    cfg = LlamaConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=96, max_seq_len=128
-    )
-    hf = make_hf_model(cfg, seed=3, std=0.02)
-    hf.save_pretrained(tmp_path / "hf")
-    shutil.copy(tmp_path / "tok.model", tmp_path / "hf" / "tokenizer.model")
-    checkpoint.convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    cfg, hf = converted_checkpoint(tmp_path)
     chats = [
         {
             "messages": [

@@ -445,9 +445,23 @@ class GGUFSource(Source):
         return files
 
 
+def _add_listed_tokens(tok, tokens: list[str], types: list[int]) -> None:
+    """Give `tok` the vocabulary's control tokens (special: never matched in a user's text
+    by `Tokenizer.encode`) and user-defined ones (plain added tokens, matched whole)."""
+    from tokenizers import AddedToken
+
+    added = [
+        AddedToken(t, special=ty == _TOKEN_CONTROL, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+    ]
+    tok.add_special_tokens([a for a in added if a.special])
+    tok.add_tokens([a for a in added if not a.special])
+
+
 def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str):
     """A `tokenizers.Tokenizer` for a GGUF byte-level BPE vocabulary ("gpt2" model)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
 
     from llama_jax.tokenizer import LLAMA3_PATTERN
@@ -481,13 +495,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre:
     tok = RustTokenizer(model)
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
-    added = [
-        AddedToken(t, special=ty == _TOKEN_CONTROL, normalized=False)
-        for t, ty in zip(tokens, types, strict=True)
-        if ty in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-    ]
-    tok.add_special_tokens([a for a in added if a.special])
-    tok.add_tokens([a for a in added if not a.special])
+    _add_listed_tokens(tok, tokens, types)
     return tok
 
 
@@ -525,8 +533,8 @@ def _sentencepiece_bpe(
     Returns:
       the tokenizer.
     """
-    from tokenizers import AddedToken, decoders, models, normalizers, processors
     from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, normalizers, processors
 
     vocab = {t: i for i, t in enumerate(tokens)}
     joinable = {
@@ -552,13 +560,7 @@ def _sentencepiece_bpe(
     if add_space_prefix:  # the dummy prefix is not part of the text
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
-    added = [
-        AddedToken(t, special=ty == _TOKEN_CONTROL, normalized=False)
-        for t, ty in zip(tokens, types, strict=True)
-        if ty in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-    ]
-    tok.add_special_tokens([a for a in added if a.special])
-    tok.add_tokens([a for a in added if not a.special])
+    _add_listed_tokens(tok, tokens, types)
     ends = [t for t in (bos, eos) if t is not None]
     if ends:
         single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
