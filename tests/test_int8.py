@@ -197,12 +197,10 @@ def test_cli_refuses_an_unknown_quantization(tmp_path, capsys):
     assert e.value.code == 2 and "--quantize" in capsys.readouterr().err
 
 
-def test_quantize_on_a_mesh_keeps_the_shardings_of_the_rules(tmp_path):
-    mesh = make_mesh("fsdp=4,tensor=2")
-    single = int8.quantize(model_of())
-    want = np.asarray(single(TOKENS))
-    q = int8.quantize(model_of(mesh=mesh))
-    state = nnx.state(q)
+def assert_placed_by_the_rules(q, mesh) -> None:
+    """Every parameter of int8 model `q` lies as the rules table places it on `mesh`
+    ("fsdp=4,tensor=2": wq's values split over fsdp and tensor, the scales over tensor)."""
+    state = nnx.state(q, nnx.Param)
     expected = param_shardings(state, mesh)
     for arr, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
         assert arr.sharding.is_equivalent_to(sharding, arr.ndim), (arr.shape, arr.sharding)
@@ -210,6 +208,15 @@ def test_quantize_on_a_mesh_keeps_the_shardings_of_the_rules(tmp_path):
     assert wq.values[...].sharding.spec == P("fsdp", "tensor", None)
     assert wq.scale[...].sharding.spec == P("tensor", None)
     assert q.output.scale[...].sharding.spec == P("tensor")
+
+
+def test_quantize_on_a_mesh_keeps_the_shardings_of_the_rules(tmp_path):
+    mesh = make_mesh("fsdp=4,tensor=2")
+    single = int8.quantize(model_of())
+    want = np.asarray(single(TOKENS))
+    q = int8.quantize(model_of(mesh=mesh))
+    assert_placed_by_the_rules(q, mesh)
+    state = nnx.state(q)
     from llama_jax import sharding as sh
 
     got = np.asarray(sh.jit_forward(q, mesh)(TOKENS, jnp.ones(TOKENS.shape, bool)))

@@ -15,15 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 import llama_jax as lj
 from llama_jax.checkpoint import store
 from llama_jax.checkpoint.store import save
 from llama_jax.cli import main
 from llama_jax.inference import int8
-from llama_jax.sharding import make_mesh, param_shardings
-from tests.test_int8 import CFG, TOKENS
+from llama_jax.sharding import make_mesh
+from tests.test_int8 import CFG, TOKENS, assert_placed_by_the_rules
 
 VOCAB = 300  # the test tokenizer's
 WORDS = "the llama ate grass while alpacas watched the quiet hills at dawn".split()
@@ -167,14 +166,7 @@ def test_load_onto_a_mesh_keeps_the_shardings_of_the_rules(saved, tmp_path):
     q, path, _ = saved
     mesh = make_mesh("fsdp=4,tensor=2")
     loaded = lj.load(path, mesh=mesh)
-    state = nnx.state(loaded, nnx.Param)
-    expected = param_shardings(state, mesh)
-    for arr, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
-        assert arr.sharding.is_equivalent_to(sharding, arr.ndim), (arr.shape, arr.sharding)
-    wq = loaded.layers[0].attention.wq
-    assert wq.values[...].sharding.spec == P("fsdp", "tensor", None)
-    assert wq.scale[...].sharding.spec == P("tensor", None)
-    assert loaded.output.scale[...].sharding.spec == P("tensor")
+    assert_placed_by_the_rules(loaded, mesh)
     assert_same_params(loaded, q)
     # A sharded int8 model saves and loads back onto one device.
     sharded = int8_model(CFG, mesh=mesh)
