@@ -133,12 +133,12 @@ class _Calibrating(nnx.Module):
                     f"GPTQ: einsum {spec!r} does not take the {'.'.join(self.path)} "
                     "weight's input axes last in its activations."
                 )
-            scale = np.asarray(int8.quantize_array(w, self.path)[1])  # rounding's scales
-            values, scale = gptq_weight(np.asarray(w), np.asarray(x), out_ndim, self.damp, scale)
-            placed = int8.placement(w, self.path)
-            self.quantized = int8.Int8Weight(
-                jax.device_put(values, placed[0]), jax.device_put(scale, placed[1])
+            # Rounding's int8 form gives the scales (kept as they are) and the placement.
+            rounded, scale = int8.quantize_array(w, self.path)
+            values, _ = gptq_weight(
+                np.asarray(w), np.asarray(x), out_ndim, self.damp, np.asarray(scale)
             )
+            self.quantized = int8.Int8Weight(jax.device_put(values, rounded.sharding), scale)
             self.bar.update(1)
         return self.quantized(spec, x, dtype, out_dtype)
 

@@ -154,21 +154,12 @@ def quantize_array(
     """
     out_ndim = len(QUANTIZED_OUTPUT_AXES[path])
     if shardings is None and isinstance(getattr(w, "sharding", None), NamedSharding):
-        shardings = placement(w, path)
+        mesh = w.sharding.mesh
+        shardings = (
+            logical_sharding(mesh, PARAM_AXES[(*path, "values")], w.shape),
+            logical_sharding(mesh, PARAM_AXES[(*path, "scale")], w.shape[-out_ndim:]),
+        )
     return _quantizer(out_ndim, None if shardings is None else tuple(shardings))(w)
-
-
-def placement(w: jax.Array, path: tuple[str, ...]) -> tuple:
-    """(values, scale) shardings for the int8 form of `w`: on a mesh, by PARAM_AXES;
-    otherwise `w`'s own device."""
-    if not isinstance(w.sharding, NamedSharding):
-        return w.sharding, w.sharding
-    out_ndim = len(QUANTIZED_OUTPUT_AXES[path])
-    mesh = w.sharding.mesh
-    return (
-        logical_sharding(mesh, PARAM_AXES[(*path, "values")], w.shape),
-        logical_sharding(mesh, PARAM_AXES[(*path, "scale")], w.shape[-out_ndim:]),
-    )
 
 
 def check_method(method) -> None:
