@@ -19,6 +19,7 @@ order (`--sections` picks some; `--budget S` starts no new one after S seconds):
 - prefill: 1 x 2048 (`Transformer.__call__` under `nnx.jit`) with attention "xla" and
   "cudnn";
 - big: `llama3.1-8b` decoded at batch 1 in bfloat16, then in int8;
+- train8: 8 x 2048 tokens in one batch;
 - train2x: 8 x 2048 tokens as two micro-batches of 4.
 
 The JSON is rewritten after every figure, so a run cut short keeps what it measured.
@@ -43,6 +44,7 @@ from flax import nnx
 
 import llama_jax as lj
 from benchmarks.harness import load_average, machine_record, time_calls
+from llama_jax.inference.generate import bucket_length, default_cache_len
 from llama_jax.model import Transformer, count_params
 from llama_jax.perf import PEAK_FLOPS, model_flops_per_token
 from llama_jax.training import TrainConfig, Trainer
@@ -126,8 +128,10 @@ def decode(model, batch: int, prompt: int, new: int, roof: dict, repeats: int) -
     """Decode tokens/s of `lj.generate` and weight bytes per second over the copy bandwidth."""
     cfg = model.cfg
     rows = np.random.default_rng(1).integers(3, cfg.vocab_size, (batch, prompt)).tolist()
-    one = time_calls(lambda: lj.generate(model, rows, 1), repeats)
-    many = time_calls(lambda: lj.generate(model, rows, new), repeats)
+    # One cache size for both calls: one compilation, and the steps timed at that size.
+    slots = default_cache_len(bucket_length(prompt, cfg.max_seq_len), new, cfg.max_seq_len)
+    one = time_calls(lambda: lj.generate(model, rows, 1, cache_len=slots), repeats)
+    many = time_calls(lambda: lj.generate(model, rows, new, cache_len=slots), repeats)
     step_s = (many["median"] - one["median"]) / (new - 1)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     read = weights - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim * 2)
@@ -147,7 +151,7 @@ def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
     return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
 
 
-SECTIONS = ("decode", "int8", "train", "prefill", "big", "train2x")
+SECTIONS = ("decode", "int8", "train", "prefill", "big", "train8", "train2x")
 
 
 def main(argv=None) -> int:
@@ -188,10 +192,15 @@ def main(argv=None) -> int:
     if args.int8_tiles:
         from llama_jax.inference import int8_gpu
 
-        with open(args.int8_tiles) as f:
-            tuned = json.load(f)
-        fields = {f.name for f in dataclasses.fields(int8_gpu.Tiles)}
-        int8_gpu.TILES = int8_gpu.Tiles(**{k: v for k, v in tuned["chosen"].items() if k in fields})
+        try:
+            with open(args.int8_tiles) as f:
+                chosen = json.load(f)["chosen"]
+        except (OSError, ValueError, KeyError) as e:  # a tiling run cut short: no choice
+            print(f"--int8-tiles {args.int8_tiles}: no chosen tiles ({e}); using the library's")
+            args.int8_tiles = None
+        else:
+            fields = {f.name for f in dataclasses.fields(int8_gpu.Tiles)}
+            int8_gpu.TILES = int8_gpu.Tiles(**{k: v for k, v in chosen.items() if k in fields})
     base = lj.get_preset("tiny" if smoke else "llama3.2-1b")
     big = lj.get_preset("tiny" if smoke else "llama3.1-8b")
     cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -305,6 +314,7 @@ def main(argv=None) -> int:
         int8_rows(model, big.name, (1,), "big")
         del model
 
+    train_row(2 * batch, "train_8", "train8")
     train_row(2 * batch, "train_2x", "train2x", micro=2)
 
     print(f"wrote {path}")

@@ -43,18 +43,27 @@ from llama_jax.inference import int8_gpu
 from llama_jax.inference.int8_gpu import Tiles
 
 CANDIDATES = [  # programs=1 would never split K; see Tiles
-    Tiles(block_n=64, block_k=128, programs=528),
-    Tiles(block_n=64, block_k=128, programs=264),
     Tiles(block_n=64, block_k=128, programs=132),
+    Tiles(block_n=64, block_k=128, programs=528),
     Tiles(block_n=64, block_k=64, programs=528, min_steps=2),
     Tiles(block_n=64, block_k=128, programs=264, min_steps=4),
-    Tiles(block_n=64, block_k=128, programs=264, num_stages=3, min_steps=4),
-    Tiles(block_n=64, block_k=128, programs=264, num_stages=4, min_steps=4),
-    Tiles(block_n=32, block_k=256, programs=264, min_steps=2),
-    Tiles(block_n=32, block_k=128, programs=264, num_warps=2, min_steps=4),
-    Tiles(block_n=128, block_k=64, programs=264, min_steps=4),
-    Tiles(block_n=128, block_k=128, programs=264, num_warps=8, min_steps=2),
-    Tiles(block_n=64, block_k=256, programs=264, num_warps=8, min_steps=2),
+    # Wide tiles: each thread loads 16 contiguous bytes of a row and a warp reads 512.
+    Tiles(block_n=128, block_k=32, programs=132),
+    Tiles(block_n=256, block_k=16, programs=132),
+    Tiles(block_n=256, block_k=32, programs=132),
+    Tiles(block_n=256, block_k=32, programs=264),
+    Tiles(block_n=256, block_k=32, programs=132, num_stages=3, min_steps=4),
+    Tiles(block_n=256, block_k=64, programs=132, num_warps=8),
+    Tiles(block_n=512, block_k=16, programs=132),
+    Tiles(block_n=512, block_k=32, programs=132, num_warps=8),
+]
+# The same kernel reading bfloat16 weights (scales of one): a one-row product that does
+# not go through XLA's. Twice the bytes per element, so half the channels per row.
+BF16_CANDIDATES = [
+    Tiles(block_n=64, block_k=64, programs=132),
+    Tiles(block_n=128, block_k=16, programs=132),
+    Tiles(block_n=128, block_k=32, programs=264),
+    Tiles(block_n=256, block_k=16, programs=132, num_warps=8),
 ]
 
 
@@ -90,7 +99,11 @@ def make_weights(cfg, layers: int, seed: int) -> list:
 
 
 def product(kind: str, tiles: Tiles | None):
-    """x [1, K] bfloat16, (values, scale) -> [1, N] bfloat16 by one of the variants."""
+    """x [1, K] bfloat16, (values, scale) -> [1, N] bfloat16 by one of the variants.
+
+    "..._rows8" variants pad x to eight rows (zeros) and keep the first: the same
+    weight bytes, but XLA's eight-row product instead of its one-row product.
+    """
 
     def bf16(x, w):
         return jnp.dot(x, w[0], preferred_element_type=jnp.float32).astype(jnp.bfloat16)
@@ -101,7 +114,15 @@ def product(kind: str, tiles: Tiles | None):
     def kernel(x, w):
         return int8_gpu._kernel(x, *w, tiles=tiles).astype(jnp.bfloat16)
 
-    return {"bf16": bf16, "int8_xla": xla_int8, "kernel": kernel}[kind]
+    def kernel_bf16(x, w):
+        return int8_gpu._kernel(x, w[0], jnp.ones_like(w[1]), tiles=tiles).astype(jnp.bfloat16)
+
+    def rows8(fn):
+        return lambda x, w: fn(jnp.pad(x, ((0, 7), (0, 0))), w)[:1]
+
+    kinds = {"bf16": bf16, "int8_xla": xla_int8, "kernel": kernel, "kernel_bf16": kernel_bf16}
+    kinds.update(bf16_rows8=rows8(bf16), int8_xla_rows8=rows8(xla_int8))
+    return kinds[kind]
 
 
 def step_fn(prod, n_rep: int):
@@ -135,13 +156,20 @@ def queued(fn, x, w, calls: int):
     return jax.block_until_ready(y)
 
 
-def check(candidates, shapes, interpret=False) -> float:
-    """Largest relative error of the kernel against float64 over tiles x shapes."""
+def check(candidates, shapes, interpret=False, dtype=jnp.int8) -> float:
+    """Largest relative error of the kernel against float64 over tiles x shapes.
+
+    dtype int8: random values and scales; bfloat16: random weights, scales of one.
+    """
     rng = np.random.default_rng(int(time.time()))
     worst = 0.0
     for k, n in shapes:
-        values = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
-        scale = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
+        if dtype == jnp.int8:
+            values = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+            scale = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
+        else:
+            values = jnp.asarray(rng.standard_normal((k, n)), dtype)
+            scale = jnp.ones((n,), jnp.float32)
         for _ in range(2):
             x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
             ref = np.asarray(x, np.float64) @ np.asarray(values, np.float64) * np.asarray(scale)
@@ -151,12 +179,21 @@ def check(candidates, shapes, interpret=False) -> float:
                 y = int8_gpu._kernel(x, values, scale, tiles=tiles, interpret=interpret)
                 err = float(np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref))
                 if not np.isfinite(err) or err > 1e-4:
-                    raise SystemExit(f"kernel wrong: {k}x{n}, {tiles}: {err:.2e}")
+                    raise SystemExit(f"kernel wrong: {k}x{n} {np.dtype(dtype)}, {tiles}: {err:.2e}")
                 worst = max(worst, err)
     return worst
 
 
-def time_variants(cfg, layers, variants, repeats, seed=0):
+def tiles_label(kind: str, t: Tiles) -> str:
+    return (
+        f"{kind} {t.block_n}x{t.block_k} p{t.programs} w{t.num_warps} s{t.num_stages} "
+        f"m{t.min_steps}"
+    )
+
+
+def time_variants(cfg, layers, variants, repeats, seed=0, hlo=None):
+    """Rows of ms per step for each (label, kind, tiles); `hlo`: a path for the optimized
+    HLO of the bfloat16 variant (which products XLA chose)."""
     weights = make_weights(cfg, layers, seed)
     int8_bytes = weight_bytes(weights)
     bf16_weights = jax.tree.map(
@@ -167,8 +204,8 @@ def time_variants(cfg, layers, variants, repeats, seed=0):
     n_rep = cfg.n_heads // cfg.n_kv_heads
     out = []
     for label, kind, tiles in variants:
-        w = bf16_weights if kind == "bf16" else weights
-        nbytes = bf16_bytes if kind == "bf16" else int8_bytes
+        w = bf16_weights if kind.startswith("bf16") or kind == "kernel_bf16" else weights
+        nbytes = bf16_bytes if w is bf16_weights else int8_bytes
         fn = step_fn(product(kind, tiles), n_rep)
         t0 = time.perf_counter()
         try:
@@ -177,6 +214,9 @@ def time_variants(cfg, layers, variants, repeats, seed=0):
             print(f"  {label}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
             continue
         compile_s = time.perf_counter() - t0
+        if hlo and kind == "bf16":
+            with open(hlo, "w") as f:
+                f.write(fn.lower(x, w).compile().as_text())
         # Calls are queued without waiting: the GPU, not Python's dispatch of the many
         # weight arguments, sets the pace.
         t = time_calls(lambda fn=fn, w=w: queued(fn, x, w, 10), repeats, warmup=1)
@@ -202,15 +242,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny shapes in Pallas's interpreter")
+    p.add_argument(
+        "--xla-only",
+        metavar="NAME",
+        help="time only XLA's products at 1B (e.g. under other XLA_FLAGS) and write "
+        "benchmark_gpu_int8_NAME.json and hlo_bf16_rows1_NAME.txt",
+    )
     args = p.parse_args(argv)
     if jax.default_backend() != "gpu" and not args.smoke:
         print("no GPU: pass --smoke to check the script on the CPU")
         return 2
     start = time.perf_counter()
     results = {"machine": machine_record(sys.argv[1:] if argv is None else argv)}
-    results["machine"].update(device=jax.devices()[0].device_kind, jax=jax.__version__)
+    results["machine"].update(
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "benchmark_gpu_int8.json")
+    tag = f"_{args.xla_only}" if args.xla_only else ""
+    path = os.path.join(args.out, f"benchmark_gpu_int8{tag}.json")
+    hlo = os.path.join(args.out, f"hlo_bf16_rows1{tag}.txt")
 
     def save():
         results["elapsed_s"] = time.perf_counter() - start
@@ -219,33 +271,56 @@ def main(argv=None) -> int:
 
     if args.smoke:  # the interpreter: small shapes
         worst = check(CANDIDATES, [(256, 128), (512, 64)], True)
+        worst = max(worst, check(BF16_CANDIDATES, [(256, 128)], True, jnp.bfloat16))
         print(f"kernel matches float64: worst relative error {worst:.2e}")
         return 0
-    # Every candidate once before it is timed; the chosen tiles on more shapes at the end.
-    worst = check(CANDIDATES, [(2048, 512)])
-    save()
 
     small, big = lj.get_preset("llama3.2-1b"), lj.get_preset("llama3.1-8b")
-    base = [("bf16 xla", "bf16", None), ("int8 xla fused", "int8_xla", None)]
-    kernels = {
-        f"kernel {t.block_n}x{t.block_k} p{t.programs} w{t.num_warps} s{t.num_stages} "
-        f"m{t.min_steps}": t
-        for t in CANDIDATES
-    }
-    one = base + [(label, "kernel", tiles) for label, tiles in kernels.items()]
-    results["rows1"] = time_variants(small, small.n_layers, one, repeats=5)
+    xla = [
+        ("bf16 xla", "bf16", None),
+        ("bf16 xla rows8", "bf16_rows8", None),
+        ("int8 xla fused", "int8_xla", None),
+        ("int8 xla fused rows8", "int8_xla_rows8", None),
+    ]
+    if args.xla_only:
+        results["rows1"] = time_variants(small, small.n_layers, xla, repeats=5, hlo=hlo)
+        save()
+        print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
+        return 0
+
+    # Every candidate once before it is timed; the chosen tiles on more shapes at the end.
+    worst = check(CANDIDATES, [(2048, 512)])
+    worst = max(worst, check(BF16_CANDIDATES, [(2048, 512)], dtype=jnp.bfloat16))
     save()
-    timed = [r for r in results["rows1"] if r["variant"] in kernels]
-    chosen = kernels[min(timed, key=lambda r: r["ms_per_step"])["variant"]]
+    kernels = {tiles_label("kernel", t): t for t in CANDIDATES}
+    kernels_bf16 = {tiles_label("kernel bf16", t): t for t in BF16_CANDIDATES}
+    one = (
+        xla
+        + [(name, "kernel", tiles) for name, tiles in kernels.items()]
+        + [(name, "kernel_bf16", tiles) for name, tiles in kernels_bf16.items()]
+    )
+    results["rows1"] = time_variants(small, small.n_layers, one, repeats=5, hlo=hlo)
+    save()
+
+    def fastest(names):
+        timed = [r for r in results["rows1"] if r["variant"] in names]
+        return names[min(timed, key=lambda r: r["ms_per_step"])["variant"]]
+
+    chosen, chosen_bf16 = fastest(kernels), fastest(kernels_bf16)
     results["chosen"] = dataclasses.asdict(chosen)
-    print(f"chosen: {chosen}", flush=True)
+    results["chosen_bf16"] = dataclasses.asdict(chosen_bf16)
+    print(f"chosen: {chosen}; bfloat16 weights: {chosen_bf16}", flush=True)
     shapes = [(2048, 512), (8192, 2048), (3072, 8192), (4096, 14336), (4096, 128256)]
-    worst = max(worst, check([chosen], shapes))
+    worst = max(worst, check([chosen], shapes), check([chosen_bf16], shapes, dtype=jnp.bfloat16))
     results["max_relative_error"] = worst
     print(f"kernel matches float64: worst relative error {worst:.2e}", flush=True)
     save()
 
-    final = base + [("kernel chosen", "kernel", chosen)]
+    final = xla[:3] + [
+        ("kernel chosen", "kernel", chosen),
+        ("kernel 64x128 p132 (earlier default)", "kernel", Tiles()),
+        ("kernel bf16 chosen", "kernel_bf16", chosen_bf16),
+    ]
     results["rows1_8b"] = time_variants(big, big.n_layers, final, repeats=5)
     save()
     print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")

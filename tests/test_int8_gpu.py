@@ -76,6 +76,9 @@ def test_plan_splits_k_until_the_programs_are_reached():
     # tiles that do not divide the weight: no plan (the product stays with XLA)
     assert int8_gpu.plan(2048, 100, tiles) is None
     assert int8_gpu.plan(200, 512, tiles) is None
+    # wide tiles narrow to the largest power of two dividing N
+    assert int8_gpu.plan(4096, 128256, Tiles(block_n=512, block_k=32)) == (256, 32, 1)
+    assert int8_gpu.plan(2048, 96, Tiles(block_n=512, block_k=32))[0] == 32
 
 
 def test_gradients_equal_the_xla_product_gradients():

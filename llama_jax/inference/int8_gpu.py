@@ -56,13 +56,17 @@ TILES = Tiles()
 def plan(k: int, n: int, tiles: Tiles | None = None) -> tuple[int, int, int] | None:
     """(block_n, block_k, splits) for a [K, N] weight, or None if the tiles do not fit.
 
+    `block_n` is the largest power of two up to `tiles.block_n` that divides N (at least
+    16: Llama 3's vocabulary of 128,256 = 501 x 256 takes 256 where 512 is asked for).
     `splits` is the smallest power of two that brings (N / block_n) * splits up to
     `tiles.programs`, as long as every split keeps a whole number of at least
     `tiles.min_steps` steps of `block_k` rows.
     """
     tiles = tiles or TILES
-    block_n = min(tiles.block_n, n)
-    if n % block_n or block_n & (block_n - 1) or k % tiles.block_k:
+    block_n = 1 << (min(tiles.block_n, n).bit_length() - 1)  # a power of two <= both
+    while n % block_n:
+        block_n //= 2
+    if block_n < 16 or k % tiles.block_k:
         return None
     splits = 1
     step = tiles.block_k * tiles.min_steps
