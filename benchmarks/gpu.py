@@ -13,6 +13,8 @@ order (`--sections` picks some; `--budget S` starts no new one after S seconds):
   tokens/s and the weight bytes read per second as a fraction of the copy bandwidth;
 - int8: the same model quantized in place (`llama_jax.inference.int8.quantize`), decoded
   the same way, against bfloat16;
+- int8x8: int8 again with one-row products as XLA's eight-row product (`int8_gpu.ONE_ROW
+  = "xla8"`), at 1B and (with big) at 8B;
 - train: `training.Trainer.step` on 4 x 2048 tokens, bfloat16 compute, cuDNN attention,
   no remat; MFU against the data-sheet peak (`llama_jax.perf.PEAK_FLOPS`) and against
   the measured matmul rate;
@@ -151,7 +153,7 @@ def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
     return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
 
 
-SECTIONS = ("decode", "int8", "train", "prefill", "big", "train8", "train2x")
+SECTIONS = ("decode", "int8", "int8x8", "train", "prefill", "big", "train8", "train2x")
 
 
 def main(argv=None) -> int:
@@ -259,18 +261,25 @@ def main(argv=None) -> int:
                 f"{100 * d['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth",
             )
 
-    def int8_rows(model, label, sizes, key):
-        """Quantize `model` in place (one weight at a time), then decode it as bfloat16 was."""
+    def int8_rows(model, label, sizes, key, one_row="kernel"):
+        """Quantize `model` in place (one weight at a time), then decode it as bfloat16 was.
+
+        `one_row`: how one-row int8 products run (`int8_gpu.ONE_ROW`).
+        """
+        from llama_jax.inference import int8_gpu
         from llama_jax.inference.int8 import quantize
 
         quantize(model)
+        int8_gpu.ONE_ROW = one_row
+        jax.clear_caches()  # the decode functions are traced again with this choice
         figures = results["decode"][key]
+        suffix = "" if one_row == "kernel" else f"_{one_row}"
         for b in sizes:
             d = decode(model, b, prompt, new, roof, repeats)
             d["vs_bfloat16"] = d["tokens_per_s"] / figures[f"batch{b}"]["tokens_per_s"]
-            figures[f"batch{b}_int8"] = d
+            figures[f"batch{b}_int8{suffix}"] = d
             row(
-                f"{label} decode batch {b} int8",
+                f"{label} decode batch {b} int8 {one_row}",
                 f"{d['tokens_per_s']:.0f} tok/s",
                 f"{d['ms_per_step']:.2f} ms/step, {d['vs_bfloat16']:.2f}x bfloat16",
             )
@@ -281,6 +290,8 @@ def main(argv=None) -> int:
         decode_rows(model, base.name, (1, 8), "small")
         if in_budget(f"{base.name} int8 decode", "int8"):
             int8_rows(model, base.name, (1, 8), "small")
+        if in_budget(f"{base.name} int8 decode, xla8", "int8x8"):
+            int8_rows(model, base.name, (1,), "small", "xla8")
         del model
 
     def train_row(rows, key, section, micro=1):
@@ -312,6 +323,8 @@ def main(argv=None) -> int:
         model = lj.build_model(big.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
         decode_rows(model, big.name, (1,), "big")
         int8_rows(model, big.name, (1,), "big")
+        if "int8x8" in sections:
+            int8_rows(model, big.name, (1,), "big", "xla8")
         del model
 
     train_row(2 * batch, "train_8", "train8")

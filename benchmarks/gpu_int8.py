@@ -248,6 +248,13 @@ def main(argv=None) -> int:
         help="time only XLA's products at 1B (e.g. under other XLA_FLAGS) and write "
         "benchmark_gpu_int8_NAME.json and hlo_bf16_rows1_NAME.txt",
     )
+    p.add_argument(
+        "--chosen",
+        metavar="JSON",
+        help="an earlier run's benchmark_gpu_int8.json: skip the sweep and time its chosen "
+        "tiles against XLA's products (bfloat16 and int8, one row and padded to eight) at "
+        "8B; writes benchmark_gpu_int8_8b.json",
+    )
     args = p.parse_args(argv)
     if jax.default_backend() != "gpu" and not args.smoke:
         print("no GPU: pass --smoke to check the script on the CPU")
@@ -260,7 +267,7 @@ def main(argv=None) -> int:
         xla_flags=os.environ.get("XLA_FLAGS", ""),
     )
     os.makedirs(args.out, exist_ok=True)
-    tag = f"_{args.xla_only}" if args.xla_only else ""
+    tag = f"_{args.xla_only}" if args.xla_only else "_8b" if args.chosen else ""
     path = os.path.join(args.out, f"benchmark_gpu_int8{tag}.json")
     hlo = os.path.join(args.out, f"hlo_bf16_rows1{tag}.txt")
 
@@ -284,6 +291,18 @@ def main(argv=None) -> int:
     ]
     if args.xla_only:
         results["rows1"] = time_variants(small, small.n_layers, xla, repeats=5, hlo=hlo)
+        save()
+        print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
+        return 0
+
+    if args.chosen:
+        with open(args.chosen) as f:
+            chosen = Tiles(**json.load(f)["chosen"])
+        results["chosen"] = dataclasses.asdict(chosen)
+        results["max_relative_error"] = check([chosen], [(4096, 14336), (4096, 128256)])
+        save()
+        variants = xla + [("kernel chosen", "kernel", chosen)]
+        results["rows1_8b"] = time_variants(big, big.n_layers, variants, repeats=5)
         save()
         print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
         return 0

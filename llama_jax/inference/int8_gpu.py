@@ -36,6 +36,10 @@ from jax.experimental.pallas import triton as plgpu
 from llama_jax.inference import int8_cpu
 
 MAX_ROWS = 1  # products of more rows go to XLA
+# How a one-row product runs on one GPU: "kernel" (below), or "xla8": XLA's fused int8
+# product of the row padded to eight rows (XLA computes one-row products of weights
+# under 10M elements as reductions, which read far below the memory bandwidth).
+ONE_ROW = "kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,12 @@ def _kernel(x, values, scale, *, tiles: Tiles | None = None, interpret: bool = F
     return parts.sum(axis=0, keepdims=True)  # [1, N]; one split is a reshape
 
 
+def _one_row(x, values, scale):
+    if ONE_ROW == "xla8":
+        return _xla(jnp.pad(x, ((0, 8 - x.shape[0]), (0, 0))), values, scale)[: x.shape[0]]
+    return _kernel(x, values, scale)
+
+
 def _xla(x, values, scale):
     """XLA's product, as `Int8Weight` computes it without a kernel (other GPU platforms)."""
     y = jnp.dot(x, values.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -143,7 +153,7 @@ def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, interpret: bo
     """
     if interpret:
         return _kernel(x, values, scale, interpret=True)
-    return jax.lax.platform_dependent(x, values, scale, cuda=_kernel, default=_xla)
+    return jax.lax.platform_dependent(x, values, scale, cuda=_one_row, default=_xla)
 
 
 def _fwd(x, values, scale, interpret):
