@@ -1,12 +1,13 @@
-"""The single-GPU int8 kernel (llama_jax.inference.int8_gpu), checked without a GPU.
+"""One-row int8 products on a single GPU (llama_jax.inference.int8_gpu), checked without a GPU.
 
 Its arithmetic runs in Pallas's interpreter against float64 products; its Triton
 lowering is exercised by exporting jitted functions for the "cuda" platform, which
 lowers every Pallas call to the Triton custom call a GPU would run; and `Int8Weight`'s
-choice of the kernel is read from an exported decode step. Speed is measured on a GPU by
-benchmarks/gpu_int8.py, not here.
+choice (the kernel, or XLA's eight-row product) is read from an exported decode step.
+Speed is measured on a GPU by benchmarks/gpu_int8.py, not here.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -72,7 +73,7 @@ def test_plan_splits_k_until_the_programs_are_reached():
     assert int8_gpu.plan(3072, 1024, tiles) == (64, 128, 8)  # 3072 = 8 x 3 x 128
     assert int8_gpu.plan(4096, 128256, tiles) == (64, 128, 1)
     # min_steps keeps every split at least that many block_k steps long
-    assert int8_gpu.plan(2048, 512, Tiles(programs=132, min_steps=4)) == (64, 128, 4)
+    assert int8_gpu.plan(2048, 512, dataclasses.replace(tiles, min_steps=4)) == (64, 128, 4)
     # tiles that do not divide the weight: no plan (the product stays with XLA)
     assert int8_gpu.plan(2048, 100, tiles) is None
     assert int8_gpu.plan(200, 512, tiles) is None
@@ -107,8 +108,9 @@ def test_off_cuda_the_product_is_xlas():
 @pytest.mark.parametrize(
     "k, n", [(2048, 2048), (2048, 512), (8192, 2048), (3072, 8192), (4096, 14336), (4096, 128256)]
 )
-def test_lowers_to_one_triton_kernel_for_model_shapes(k, n):
+def test_lowers_to_one_triton_kernel_for_model_shapes(monkeypatch, k, n):
     """The shapes of llama3.2-1b, 3.2-3b and 3.1-8b projections lower for a GPU."""
+    monkeypatch.setattr(int8_gpu, "ONE_ROW", "kernel")
     args = (
         jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
         jax.ShapeDtypeStruct((k, n), jnp.int8),
@@ -120,6 +122,34 @@ def test_lowers_to_one_triton_kernel_for_model_shapes(k, n):
     block_n, _, splits = int8_gpu.plan(k, n)
     assert triton_calls(exported) == [(n // block_n, splits)]
     assert exported.out_avals[0].shape == (1, n)
+
+
+@pytest.fixture(autouse=True)
+def fresh_traces():
+    """ONE_ROW is read when a function is traced: no test reuses another's traces."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def eight_row_dots(exported) -> int:
+    """How many dot_generals in an exported module multiply an 8-row left operand."""
+    return len(re.findall(r"stablehlo\.dot_general[^\n]*: \(tensor<8x", exported.mlir_module()))
+
+
+def test_by_default_a_one_row_product_is_xlas_eight_row_product():
+    """ONE_ROW "xla8": no kernel; the row goes to XLA padded to eight rows, same result."""
+    assert int8_gpu.ONE_ROW == "xla8"
+    x, values, scale = random_product(np.random.default_rng(4), 2048, 512)
+    exported = jax.export.export(
+        jax.jit(int8_gpu.int8_matmul), platforms=["cuda"], disabled_checks=CUDA_OK
+    )(x, values, scale)
+    assert triton_calls(exported) == [] and eight_row_dots(exported) == 1
+    assert exported.out_avals[0].shape == (1, 512)
+    y = int8_gpu._one_row(x, values, scale)  # the CUDA branch, run here on the CPU
+    ref = reference(x, values, scale)
+    assert y.shape == (1, 512)
+    assert np.linalg.norm(np.asarray(y) - ref) <= 1e-5 * np.linalg.norm(ref)
 
 
 CFG = lj.LlamaConfig(
@@ -136,9 +166,14 @@ CFG = lj.LlamaConfig(
 )
 
 
+@pytest.mark.parametrize("one_row", ["kernel", "xla8"])
 @pytest.mark.parametrize("batch, expected", [(1, 7 * 2 + 1), (2, 0)])
-def test_a_one_gpu_decode_step_calls_the_kernel_for_every_projection(monkeypatch, batch, expected):
-    """On one GPU, every projection of a batch-1 step (and the untied output) is the kernel."""
+def test_a_one_gpu_decode_step_sends_every_projection_one_way(
+    monkeypatch, one_row, batch, expected
+):
+    """On one GPU, every projection of a batch-1 step (and the untied output) is the
+    kernel, or an eight-row product; at batch 2 none is."""
+    monkeypatch.setattr(int8_gpu, "ONE_ROW", one_row)
     monkeypatch.setattr(int8_gpu, "wanted", lambda: True)
     monkeypatch.setattr(int8_cpu, "wanted", lambda: False)
     model = int8.quantize(lj.build_model(CFG, seed=0))
@@ -148,7 +183,8 @@ def test_a_one_gpu_decode_step_calls_the_kernel_for_every_projection(monkeypatch
     exported = jax.export.export(forward, platforms=["cuda"], disabled_checks=CUDA_OK)(
         state, tokens
     )
-    assert len(triton_calls(exported)) == expected
+    kernels, padded = len(triton_calls(exported)), eight_row_dots(exported)
+    assert (kernels, padded) == ((expected, 0) if one_row == "kernel" else (0, expected))
 
 
 def test_on_one_gpu_the_kernel_gives_the_xla_products(monkeypatch):

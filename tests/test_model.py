@@ -178,6 +178,33 @@ def test_weight_order_renames_the_weight_letters_in_storage_order():
     )
 
 
+def test_the_float32_logits_gradients_are_products_in_the_compute_dtype():
+    """A bfloat16 model's logits are float32, but the products that carry their gradient
+    back (to the last hidden state and to the output weight) run in bfloat16, as every
+    other product's gradient does, and agree with float32 arithmetic to bfloat16 accuracy."""
+    from llama_jax.model.layers import linear
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 96)) / 8, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 96, (2, 5)))
+
+    def loss(x, w, dtype):
+        logits = linear("BTD,DV->BTV", x, w, dtype, jnp.float32)
+        assert logits.dtype == jnp.float32
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked[..., 0])
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    text = grad.lower(x, w, "bfloat16").as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 3  # the forward product and the two gradient products
+    assert all("xf32>, tensor" not in d and "f32>) ->" not in d for d in dots), dots
+    for ours, exact in zip(grad(x, w, "bfloat16"), grad(x, w, "float32"), strict=True):
+        assert ours.dtype == jnp.float32
+        np.testing.assert_allclose(ours, exact, rtol=0.05, atol=0.02 * float(jnp.abs(exact).max()))
+
+
 def decode_step_hlo(cfg, batch: int, quantize=None) -> str:
     """The optimised HLO of one cached decode step of a random model, cache donated."""
     from flax import nnx

@@ -16,8 +16,9 @@ out (and inside `generate`'s decode loop lifts those conversions out of the loop
 would leave an int8 model decoding from float32 copies). So on the CPU, products of a
 few rows go to a small kernel that reads the int8 values itself
 (`llama_jax.inference.int8_cpu`, computed in float32); wider ones stay with XLA. On one
-GPU, XLA's fused product reads int8 weights at about half the rate of a bfloat16
-product, so one-row products go to a Pallas kernel (`llama_jax.inference.int8_gpu`).
+GPU, XLA computes a one-row product as a matrix-vector product far below the memory
+bandwidth, so one-row products go to `llama_jax.inference.int8_gpu` (XLA's fused
+product of the row padded to eight rows, or a Pallas kernel).
 
 Opt-in, outside the model's reading path: `quantize(model)` replaces the projection
 weights (wq, wk, wv, wo, w1, w2, w3 and an untied `output`) by `Int8Weight` modules,
@@ -100,7 +101,7 @@ class Int8Weight(nnx.Module):
         kernel = None
         if plain and rows <= int8_cpu.MAX_ROWS and int8_cpu.wanted():
             kernel, x = int8_cpu.int8_matmul, x.astype(jnp.float32)
-        elif plain and rows <= int8_gpu.MAX_ROWS and int8_gpu.wanted() and int8_gpu.plan(k, n):
+        elif plain and rows <= int8_gpu.MAX_ROWS and int8_gpu.wanted() and int8_gpu.fits(k, n):
             kernel, x = int8_gpu.int8_matmul, x.astype(dtype)
         if kernel is not None:
             # Decoding on one CPU or GPU: a kernel reads the int8 values (module docstring).

@@ -1,26 +1,34 @@
-"""An int8 x bfloat16 product of one row for a single GPU: batch-1 decoding.
+"""int8 x bfloat16 products of one row on a single GPU: batch-1 decoding.
 
 XLA's GPU backend fuses `values.astype(bfloat16)` into its matrix product, so an int8
-model never holds a converted weight, but the fused product of one row reads the int8
-weight at about half the bytes per second that a bfloat16 product reads its weight,
-which leaves int8 decoding no faster than bfloat16. This module is a Pallas (Triton)
-kernel for
+model never holds a converted weight. But XLA treats a product of one row as a
+matrix-vector product: for a weight under 10M elements (wq, wk, wv, wo of llama3.2-1b;
+wk, wv of 8B) it computes it as a multiply and a reduction, and the larger ones as a
+GEMM tiled for many rows. Both read the weight far below the memory bandwidth. Measured
+on an H100 (docs/performance.md), the same product with the row padded to eight rows of
+zeros takes a third less time at 1B and 8B alike, for bfloat16 and int8 weights.
 
-    y[1, N] = (x[1, K] @ values[K, N]) * scale[N]
+So a one-row int8 product on one GPU runs in one of two ways, `ONE_ROW`:
 
-with the int8 values converted in registers and multiplied and added in float32. Each
-program reads one [K / splits, block_n] tile of the weight (`block_n` output channels,
-one slice of the input axis) in steps of `block_k` rows, into a [block_k, block_n]
-accumulator that is summed once at the end. The `splits` slices of the input axis give
-the GPU enough programs to keep every multiprocessor reading, even for the narrow wk and
-wv; their partial sums go to a small float32 array that XLA adds up, so the result does
-not depend on the order programs finish in (no atomics). The tiles (`TILES`) were chosen
-on an H100 by `benchmarks/gpu_int8.py`.
+- "xla8" (the default): XLA's fused int8 product of the row padded to eight rows; the
+  seven extra rows cost arithmetic, which a memory-bound product has to spare.
+- "kernel": a Pallas (Triton) kernel for
 
-`Int8Weight` calls it for one-row products when JAX runs on exactly one GPU (under a
-mesh XLA would gather a sharded weight onto every device to feed a custom call) and the
-tiles divide the weight. Products of more rows stay with XLA: at 8 rows its fused
-product beat every variant of this kernel that was measured (docs/performance.md).
+      y[1, N] = (x[1, K] @ values[K, N]) * scale[N]
+
+  with the int8 values converted in registers and multiplied and added in float32. Each
+  program reads one [K / splits, block_n] tile of the weight (`block_n` output
+  channels, one slice of the input axis) in steps of `block_k` rows, into a
+  [block_k, block_n] accumulator that is summed once at the end. The `splits` slices
+  of the input axis give the GPU enough programs to keep every multiprocessor reading,
+  even for the narrow wk and wv; their partial sums go to a small float32 array that
+  XLA adds up, so the result does not depend on the order programs finish in (no
+  atomics). The tiles (`TILES`) were chosen on an H100 by `benchmarks/gpu_int8.py`.
+  It beats XLA's one-row product but not its eight-row one; the benchmarks time both.
+
+`Int8Weight` calls `int8_matmul` for one-row products when JAX runs on exactly one GPU
+(under a mesh XLA would gather a sharded weight onto every device to feed a custom call)
+and the tiles divide the weight. Products of more rows stay with XLA as they are.
 """
 
 from __future__ import annotations
@@ -36,20 +44,17 @@ from jax.experimental.pallas import triton as plgpu
 from llama_jax.inference import int8_cpu
 
 MAX_ROWS = 1  # products of more rows go to XLA
-# How a one-row product runs on one GPU: "kernel" (below), or "xla8": XLA's fused int8
-# product of the row padded to eight rows (XLA computes one-row products of weights
-# under 10M elements as reductions, which read far below the memory bandwidth).
-ONE_ROW = "kernel"
+ONE_ROW = "xla8"  # or "kernel" (module docstring); read when traced: jax.clear_caches()
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """How the kernel cuts a [K, N] weight into programs."""
 
-    block_n: int = 64  # output channels per program (a power of two)
-    block_k: int = 128  # input rows converted and accumulated per loop step
+    block_n: int = 512  # output channels per program (a power of two)
+    block_k: int = 32  # input rows converted and accumulated per loop step
     programs: int = 132  # split K until about this many programs run (1: never split)
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int | None = None  # Triton's software pipelining depth (None: its default)
     min_steps: int = 1  # a split of K keeps at least this many block_k steps
 
@@ -77,6 +82,11 @@ def plan(k: int, n: int, tiles: Tiles | None = None) -> tuple[int, int, int] | N
     while (n // block_n) * splits < tiles.programs and k % (2 * splits * step) == 0:
         splits *= 2
     return block_n, tiles.block_k, splits
+
+
+def fits(k: int, n: int) -> bool:
+    """Whether a [K, N] weight's one-row products can go to `int8_matmul`."""
+    return ONE_ROW == "xla8" or plan(k, n) is not None
 
 
 def wanted() -> bool:
@@ -128,6 +138,7 @@ def _kernel(x, values, scale, *, tiles: Tiles | None = None, interpret: bool = F
 
 
 def _one_row(x, values, scale):
+    """int8_matmul on CUDA: the ONE_ROW way."""
     if ONE_ROW == "xla8":
         return _xla(jnp.pad(x, ((0, 8 - x.shape[0]), (0, 0))), values, scale)[: x.shape[0]]
     return _kernel(x, values, scale)
@@ -141,11 +152,11 @@ def _xla(x, values, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, interpret: bool = False):
-    """(x @ values) * scale in float32 through the kernel on CUDA; XLA's product elsewhere.
+    """(x @ values) * scale in float32: on CUDA the `ONE_ROW` way, elsewhere XLA's product.
 
     Args:
       x: [1, K] (bfloat16 or float32).
-      values: [K, N] int8 weight whose shape `plan` accepts.
+      values: [K, N] int8 weight (for the kernel, one whose shape `plan` accepts).
       scale: [N] float32 per-output-channel scales.
       interpret: run the kernel in Pallas's interpreter (tests on the CPU).
     Returns:
