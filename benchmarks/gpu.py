@@ -12,9 +12,9 @@ order (`--sections` picks some; `--budget S` starts no new one after S seconds):
 - decode: `llama3.2-1b` (1.24B parameters) at batch 1 and 8 through `llama_jax.generate`,
   tokens/s and the weight bytes read per second as a fraction of the copy bandwidth;
 - int8: the same model quantized in place (`llama_jax.inference.int8.quantize`), decoded
-  the same way, against bfloat16;
-- int8x8: int8 again with one-row products as XLA's eight-row product (`int8_gpu.ONE_ROW
-  = "xla8"`), at 1B and (with big) at 8B;
+  the same way (one-row products as the library does them), against bfloat16;
+- int8kernel: int8 again with one-row products by the Pallas kernel
+  (`int8_gpu.ONE_ROW = "kernel"`, tiles from `--int8-tiles`), at 1B and (with big) 8B;
 - train: `training.Trainer.step` on 4 x 2048 tokens, bfloat16 compute, cuDNN attention,
   no remat; MFU against the data-sheet peak (`llama_jax.perf.PEAK_FLOPS`) and against
   the measured matmul rate;
@@ -46,10 +46,13 @@ from flax import nnx
 
 import llama_jax as lj
 from benchmarks.harness import load_average, machine_record, time_calls
+from llama_jax.inference import int8_gpu
 from llama_jax.inference.generate import bucket_length, default_cache_len
 from llama_jax.model import Transformer, count_params
 from llama_jax.perf import PEAK_FLOPS, model_flops_per_token
 from llama_jax.training import TrainConfig, Trainer
+
+DEFAULT_ONE_ROW = int8_gpu.ONE_ROW
 
 
 def sync(x):
@@ -153,7 +156,7 @@ def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
     return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
 
 
-SECTIONS = ("decode", "int8", "int8x8", "train", "prefill", "big", "train8", "train2x")
+SECTIONS = ("decode", "int8", "int8kernel", "train", "prefill", "big", "train8", "train2x")
 
 
 def main(argv=None) -> int:
@@ -192,8 +195,6 @@ def main(argv=None) -> int:
         )
         return 2
     if args.int8_tiles:
-        from llama_jax.inference import int8_gpu
-
         try:
             with open(args.int8_tiles) as f:
                 chosen = json.load(f)["chosen"]
@@ -261,19 +262,19 @@ def main(argv=None) -> int:
                 f"{100 * d['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth",
             )
 
-    def int8_rows(model, label, sizes, key, one_row="kernel"):
+    def int8_rows(model, label, sizes, key, one_row=None):
         """Quantize `model` in place (one weight at a time), then decode it as bfloat16 was.
 
-        `one_row`: how one-row int8 products run (`int8_gpu.ONE_ROW`).
+        `one_row`: how one-row int8 products run (`int8_gpu.ONE_ROW`; None: the library's).
         """
-        from llama_jax.inference import int8_gpu
         from llama_jax.inference.int8 import quantize
 
         quantize(model)
+        one_row = one_row or DEFAULT_ONE_ROW
         int8_gpu.ONE_ROW = one_row
         jax.clear_caches()  # the decode functions are traced again with this choice
         figures = results["decode"][key]
-        suffix = "" if one_row == "kernel" else f"_{one_row}"
+        suffix = "" if one_row == DEFAULT_ONE_ROW else f"_{one_row}"
         for b in sizes:
             d = decode(model, b, prompt, new, roof, repeats)
             d["vs_bfloat16"] = d["tokens_per_s"] / figures[f"batch{b}"]["tokens_per_s"]
@@ -290,8 +291,8 @@ def main(argv=None) -> int:
         decode_rows(model, base.name, (1, 8), "small")
         if in_budget(f"{base.name} int8 decode", "int8"):
             int8_rows(model, base.name, (1, 8), "small")
-        if in_budget(f"{base.name} int8 decode, xla8", "int8x8"):
-            int8_rows(model, base.name, (1,), "small", "xla8")
+        if in_budget(f"{base.name} int8 decode, kernel", "int8kernel"):
+            int8_rows(model, base.name, (1,), "small", "kernel")
         del model
 
     def train_row(rows, key, section, micro=1):
@@ -323,8 +324,8 @@ def main(argv=None) -> int:
         model = lj.build_model(big.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
         decode_rows(model, big.name, (1,), "big")
         int8_rows(model, big.name, (1,), "big")
-        if "int8x8" in sections:
-            int8_rows(model, big.name, (1,), "big", "xla8")
+        if "int8kernel" in sections:
+            int8_rows(model, big.name, (1,), "big", "kernel")
         del model
 
     train_row(2 * batch, "train_8", "train8")
