@@ -161,3 +161,64 @@ def test_convert_says_when_it_found_no_tokenizer(tmp_path, capsys):
     convert(tmp_path / "m.gguf", tmp_path / "ckpt", progress=True)
     assert "tokenizer: none found" in capsys.readouterr().out
     assert not any(p.name.startswith("tokenizer") for p in (tmp_path / "ckpt").iterdir())
+
+
+def byte_level_vocab(n: int = 320) -> tuple[list[str], list[str], list[int]]:
+    """A byte-level BPE vocabulary trained here, as llama.cpp writes a "gpt2" one: tokens,
+    merges ("a b") and token types (3 for the two control tokens, else 1)."""
+    import json
+
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from llama_jax.examples import CALIBRATION_TOPICS, python_docs
+
+    bpe = RustTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=n,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(python_docs(CALIBRATION_TOPICS[:3]), trainer)
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [
+        m if isinstance(m, str) else " ".join(m)
+        for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
+    return tokens, merges, [3 if t in specials else 1 for t in tokens]
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_byte_level_vocabulary_adds_bos_in_tokenizer_json_as_the_gguf_says(tmp_path, add_bos):
+    """Llama 3 GGUFs ("gpt2" vocabulary, add_bos_token): the converted tokenizer.json adds
+    BOS itself, so transformers reading the folder adds it as llama-jax does, once."""
+    from transformers import AutoTokenizer
+
+    from llama_jax.tokenizer import Tokenizer
+
+    tokens, merges, types = byte_level_vocab()
+
+    def setup(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("llama-bpe")
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_token_types(types)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(1)
+        w.add_add_bos_token(add_bos)
+
+    write_gguf(tmp_path / "m.gguf", CFG.replace(vocab_size=len(tokens)), setup=setup)
+    convert(tmp_path / "m.gguf", tmp_path / "ckpt", progress=False)
+    ours = Tokenizer.load(tmp_path / "ckpt")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
+    for text in ["Return the value of x.", "  two spaces, 3.14 and ünïcode", ""]:
+        ids = ours.encode(text)
+        assert ids == hf(text, split_special_tokens=True)["input_ids"], text
+        assert ids[:1] == [0] if add_bos else 0 not in ids, (text, ids)
+        assert ids.count(0) == int(add_bos)
+        assert ours.decode(ours.encode(text, bos=False)) == text

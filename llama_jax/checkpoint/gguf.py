@@ -384,6 +384,8 @@ class GGUFSource(Source):
                 tok = _byte_level_bpe(tokens, merges, types, pre)
             except LlamaError as e:
                 raise LlamaError(f"{self.src}: {e}") from None
+            bos, eos = token("bos_token_id"), token("eos_token_id")
+            _add_ends(tok, bos if add_bos else None, eos if add_eos else None)
         else:
             scores = self._get("tokenizer.ggml.scores", required=True)
             if not isinstance(scores, list) or len(scores) != len(tokens):
@@ -534,7 +536,7 @@ def _sentencepiece_bpe(
       the tokenizer.
     """
     from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, normalizers, processors
+    from tokenizers import decoders, models, normalizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
     joinable = {
@@ -561,14 +563,29 @@ def _sentencepiece_bpe(
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
     _add_listed_tokens(tok, tokens, types)
-    ends = [t for t in (bos, eos) if t is not None]
-    if ends:
-        single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
-        pair = single + " " + single.replace("$A:0", "$B:1").replace(":0", ":1")
-        tok.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in dict.fromkeys(ends)]
-        )
+    _add_ends(tok, bos, eos)
     return tok
+
+
+def _add_ends(tok, bos: str | None, eos: str | None) -> None:
+    """Give `tok` a post-processor that adds `bos` before and `eos` after each text.
+
+    What llama.cpp adds when the GGUF's add_bos_token / add_eos_token say so; written into
+    tokenizer.json, so that transformers adds them too (as Meta's Llama 3 tokenizer.json
+    adds <|begin_of_text|>).
+    """
+    from tokenizers import processors
+
+    ends = [t for t in (bos, eos) if t is not None]
+    if not ends:
+        return
+    single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
+    pair = single + " " + single.replace("$A:0", "$B:1").replace(":0", ":1")
+    tok.post_processor = processors.TemplateProcessing(
+        single=single,
+        pair=pair,
+        special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(ends)],
+    )
 
 
 def llama3_rope_divisors(scaling: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
