@@ -104,7 +104,7 @@ class Int8Weight(nnx.Module):
         elif plain and rows <= int8_gpu.MAX_ROWS and int8_gpu.wanted() and int8_gpu.fits(k, n):
             kernel, x = int8_gpu.int8_matmul, x.astype(dtype)
         if kernel is not None:
-            # Decoding on one CPU or GPU: a kernel reads the int8 values (module docstring).
+            # Decoding on one CPU or GPU: products of a few rows go their own way (above).
             y = kernel(
                 x.reshape(rows, k), self.values[...].reshape(k, n), self.scale[...].reshape(n)
             )

@@ -2,11 +2,11 @@
 
 XLA's GPU backend fuses `values.astype(bfloat16)` into its matrix product, so an int8
 model never holds a converted weight. But XLA treats a product of one row as a
-matrix-vector product: for a weight under 10M elements (wq, wk, wv, wo of llama3.2-1b;
-wk, wv of 8B) it computes it as a multiply and a reduction, and the larger ones as a
-GEMM tiled for many rows. Both read the weight far below the memory bandwidth. Measured
-on an H100 (docs/performance.md), the same product with the row padded to eight rows of
-zeros takes a third less time at 1B and 8B alike, for bfloat16 and int8 weights.
+matrix-vector product: with a small weight (under 10M elements: wq, wk, wv, wo of
+llama3.2-1b, wk and wv of 8B) it computes it as a multiply and a reduction, with the
+larger ones as a GEMM. Both read the weight far below the memory bandwidth. Measured on
+an H100 (docs/performance.md), a decode step's products with the row padded to eight
+rows of zeros take 22-51% less time (1B and 8B, bfloat16 and int8 weights).
 
 So a one-row int8 product on one GPU runs in one of two ways, `ONE_ROW`:
 
@@ -27,8 +27,9 @@ So a one-row int8 product on one GPU runs in one of two ways, `ONE_ROW`:
   It beats XLA's one-row product but not its eight-row one; the benchmarks time both.
 
 `Int8Weight` calls `int8_matmul` for one-row products when JAX runs on exactly one GPU
-(under a mesh XLA would gather a sharded weight onto every device to feed a custom call)
-and the tiles divide the weight. Products of more rows stay with XLA as they are.
+(where both ways were measured; under a mesh, the kernel's custom call would make XLA
+gather a sharded weight onto every device) and, for the kernel, the tiles divide the
+weight. Products of more rows stay with XLA as they are.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def fits(k: int, n: int) -> bool:
 
 
 def wanted() -> bool:
-    """Whether products should use the kernel: JAX runs on exactly one GPU."""
+    """Whether one-row products go to `int8_matmul`: JAX runs on exactly one GPU."""
     return jax.default_backend() == "gpu" and jax.device_count() == 1
 
 
