@@ -46,15 +46,14 @@ def attend(
     if mask is None:
         mask = jnp.tril(jnp.ones((T, S), bool))[None]  # [1, T, S]
     q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]; query head n uses KV head n // G
-    # The operand order lets XLA read the cache where it lies (keys first in the scores,
-    # probabilities first in the output); other orders copied it on every decode step.
+    # The cache comes first in both products, which lets XLA read it where it lies.
     scores = jnp.einsum("BKSH,BTKGH->BKGTS", k, q, preferred_element_type=jnp.float32)
     scores = scores * H**-0.5
     # A large finite negative rather than -inf: a row with nothing to attend to (a
     # padding query) gets uniform weights instead of NaN, and its output is ignored.
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
+    out = jnp.einsum("BKSH,BKGTS->BTKGH", v, probs)
     return out.reshape(B, T, N, H)
 
 
