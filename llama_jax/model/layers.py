@@ -6,13 +6,12 @@ F MLP width, N query heads, H head dim.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import precision
 from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.sharding.rules import constrain
 
@@ -34,33 +33,11 @@ def linear(spec: str, x: jax.Array, w, dtype, out_dtype=None) -> jax.Array:
       dtype: the dtype the product's inputs are cast to.
       out_dtype: the result's dtype (the logits ask for float32); default `dtype`.
     Returns:
-      The product.
+      The product; its gradient products are computed in `dtype` too (`precision.einsum`).
     """
     if isinstance(w, nnx.Module):
         return w(spec, x, dtype, out_dtype)
-    x, w = x.astype(dtype), w[...].astype(dtype)
-    if out_dtype is None or jnp.dtype(out_dtype) == x.dtype:
-        return jnp.einsum(weight_order(spec), x, w)
-    return wide_product(weight_order(spec), x, w, jnp.dtype(out_dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def wide_product(spec: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` with a wider result (the float32 logits) whose gradients
-    are products in x's dtype like every other product's. Left to autodiff, they would
-    multiply the float32 gradient by an upcast copy of the weight: float32 matmuls."""
-    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-
-
-def _wide_fwd(spec, x, w, out_dtype):
-    return wide_product(spec, x, w, out_dtype), (x, w)
-
-
-def _wide_bwd(spec, out_dtype, inputs, g):
-    return jax.vjp(lambda x, w: jnp.einsum(spec, x, w), *inputs)[1](g.astype(inputs[0].dtype))
-
-
-wide_product.defvjp(_wide_fwd, _wide_bwd)
+    return precision.einsum(weight_order(spec), x.astype(dtype), w[...].astype(dtype), out_dtype)
 
 
 def weight_order(spec: str) -> str:
