@@ -18,7 +18,7 @@ order (`--sections` picks some; `--budget S` starts no new one after S seconds):
 - train: `training.Trainer.step` on 4 x 2048 tokens, bfloat16 compute, cuDNN attention,
   no remat; MFU against the data-sheet peak (`llama_jax.perf.PEAK_FLOPS`) and against
   the measured matmul rate;
-- prefill: 1 x 2048 (`Transformer.__call__` under `nnx.jit`) with attention "xla" and
+- prefill: 1 x 2048, `model(x)` (compiled, model/compiled.py) with attention "xla" and
   "cudnn";
 - big: `llama3.1-8b` decoded at batch 1 in bfloat16, then in int8;
 - train8: 8 x 2048 tokens in one batch;
@@ -151,8 +151,7 @@ def decode(model, batch: int, prompt: int, new: int, roof: dict, repeats: int) -
 def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
     model = lj.build_model(cfg, seed=0, attention=attention)
     x = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (1, length)), jnp.int32)
-    forward = nnx.jit(lambda m, x: m(x))
-    t = time_calls(lambda: sync(forward(model, x)), repeats, warmup=2)
+    t = time_calls(lambda: sync(model(x)), repeats, warmup=2)
     return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llama_jax as lj
-from llama_jax.model import set_params
+from llama_jax.model import CompiledTransformer, set_params
 from tests.hf_oracle import hf_logits, hf_params, make_hf_model
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=128, ffn_dim=96, max_seq_len=128)
@@ -53,8 +53,10 @@ def rel_err(a, b) -> float:
 
 
 def ours_from_hf(hf, cfg, **dtypes):
+    """The model as `lj.load` gives it (a CompiledTransformer) with the HF model's weights."""
     cfg = cfg.replace(**dtypes)
-    return set_params(lj.Transformer(cfg, rngs=__import__("flax").nnx.Rngs(1)), hf_params(hf, cfg))
+    model = CompiledTransformer(cfg, rngs=__import__("flax").nnx.Rngs(1))
+    return set_params(model, hf_params(hf, cfg))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -63,9 +65,11 @@ def test_float32_logits_match_transformers(name):
     hf = make_hf_model(cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(3, 40))
     want = hf_logits(hf, tokens)
-    got = ours_from_hf(hf, cfg)(jnp.asarray(tokens, jnp.int32))
-    assert got.dtype == jnp.float32 and got.shape == (3, 40, cfg.vocab_size)
-    assert rel_err(got, want) < 1e-5
+    model = ours_from_hf(hf, cfg)
+    x = jnp.asarray(tokens, jnp.int32)
+    for got in (model(x), lj.Transformer.__call__(model, x)):  # compiled, then op by op
+        assert got.dtype == jnp.float32 and got.shape == (3, 40, cfg.vocab_size)
+        assert rel_err(got, want) < 1e-5
 
 
 def kl_divergence(ref_logits, logits) -> float:
@@ -253,3 +257,36 @@ def test_a_batch_1_decode_step_copies_at_most_the_value_cache():
     shape = f"f32[1,{cfg.kv_heads},{cfg.max_seq_len},{cfg.head_dim}]"
     copies = len(re.findall(re.escape(shape) + r"\{3,2,1,0\} copy\(", hlo))
     assert copies <= 4 * cfg.n_layers, copies  # 8 per layer with the queries first
+
+
+def test_model_call_is_one_compiled_program_and_inline_inside_a_trace(caplog):
+    """`model(x)` compiles the whole call once per shape; traced, it is Transformer.__call__."""
+    import logging
+
+    from flax import nnx
+
+    model = lj.build_model(CONFIGS["gqa"], seed=0)
+    assert isinstance(model, CompiledTransformer)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 11)), jnp.int32)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        got = model(x)
+        first = sum("Compiling" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        want = lj.Transformer.__call__(model, x)  # op by op: a program per operation
+        op_by_op = sum("Compiling" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        model(x)
+        again = sum("Compiling" in r.getMessage() for r in caplog.records)
+    assert first == 1 and again == 0 and op_by_op > 10, (first, again, op_by_op)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # Inside a trace the call is the model's own: no nested program in the jaxpr.
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    assert "__call__" not in str(jaxpr)
+    # A gradient with concrete tokens (the model's arrays traced) goes through it too.
+    loss = lambda m: jnp.mean(m(x) ** 2)
+    grads = nnx.grad(loss)(model)
+    eager = nnx.grad(lambda m: jnp.mean(lj.Transformer.__call__(m, x) ** 2))(model)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

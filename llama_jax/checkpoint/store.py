@@ -673,7 +673,7 @@ def load(
     attention: str = "xla",
     quantize: str | None = None,
 ):
-    """A ready `Transformer` from a llama-jax checkpoint, each array on its final sharding.
+    """A ready model from a llama-jax checkpoint, each array on its final sharding.
 
     Each block is read by Orbax straight onto the target devices (every device reads only
     its own slice); no parameter is first gathered on the host or on one device. A
@@ -695,10 +695,10 @@ def load(
         as it is stored, with None or "int8" alike: its values and scales go straight
         onto their shardings, not quantized again.
     Returns:
-      The model.
+      The model, a CompiledTransformer: `model(tokens)` runs compiled (model/compiled.py).
     """
     from llama_jax.inference import int8
-    from llama_jax.model import Transformer
+    from llama_jax.model.compiled import CompiledTransformer
     from llama_jax.sharding import make_mesh, param_shardings
 
     if quantize is not None:
@@ -711,7 +711,7 @@ def load(
     requantize = quantize is not None and stored is None
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
-    create = lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention)
+    create = lambda: CompiledTransformer(cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention)
 
     def targets_of(state):
         shapes = nnx.to_pure_dict(state)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from llama_jax.errors import LlamaError
 from llama_jax.inference import int8
+from llama_jax.model.transformer import Transformer
 from llama_jax.sharding.rules import QUANTIZED_OUTPUT_AXES
 
 BLOCK = 128  # input rows rounded before their error is passed on in one product
@@ -220,7 +221,8 @@ def quantize(model, tokens, *, damp: float = 0.01, progress: bool = True):
             setattr(owner, name, stand_in)
             calibrating.append((owner, name, stand_in))
         try:
-            model(jnp.asarray(tokens, jnp.int32))
+            # Op by op: each stand-in quantizes itself from the concrete inputs it sees.
+            Transformer.__call__(model, jnp.asarray(tokens, jnp.int32))
         finally:
             # Every stand-in leaves: all int8 weights, or after an error all the float
             # ones, so the model is never left half quantized.

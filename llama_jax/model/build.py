@@ -8,6 +8,7 @@ from flax import nnx
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
+from llama_jax.model.compiled import CompiledTransformer
 from llama_jax.model.transformer import Transformer
 
 
@@ -26,12 +27,12 @@ def build_model(
       remat: rematerialisation policy for training (REMAT_POLICIES).
       attention: the attention kernel (see Transformer).
     Returns:
-      The Transformer.
+      The model, a CompiledTransformer: `model(tokens)` runs compiled (model/compiled.py).
     """
     from llama_jax import sharding
 
     mesh = sharding.make_mesh(mesh)
-    create = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), remat=remat, attention=attention)
+    create = lambda: CompiledTransformer(cfg, rngs=nnx.Rngs(seed), remat=remat, attention=attention)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
     # One jitted initialiser rather than one small eager program per parameter.
     shardings = None

@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import sharding
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.errors import LlamaError
-from llama_jax.model import REMAT_POLICIES, Transformer
+from llama_jax.model import REMAT_POLICIES, CompiledTransformer, Transformer
 from llama_jax.training import lora
 from llama_jax.training.data import TokenDataset
 
@@ -348,7 +348,7 @@ class Trainer:
         """The model as trained (adapted when LoRA is on); seed: its initial weights."""
         tc = self.tc
         seed = tc.seed if seed is None else seed
-        model = Transformer(self.cfg, rngs=nnx.Rngs(seed), remat=tc.remat)
+        model = CompiledTransformer(self.cfg, rngs=nnx.Rngs(seed), remat=tc.remat)
         if tc.base_quantization is not None:
             # Before the adapters wrap them: each adapter's base is then an Int8Weight.
             from llama_jax.inference import int8
