@@ -6,7 +6,9 @@ gradient back (to the last hidden state and to the output weight) would multiply
 float32 gradient by an upcast float32 copy of the other input: float32 matmuls, at a
 fraction of the bfloat16 rate (on an H100 they held training at 44% MFU instead of 50%,
 docs/performance.md). `einsum` casts the gradient to the inputs' dtype first, so those
-products run in bfloat16 like every other product's gradient products.
+products run in bfloat16 like every other product's gradient products. `Int8Weight`
+(inference/int8.py) computes its products the same way: accumulated in float32 before
+the scales, their gradient to the activations (LoRA on an int8 base) in bfloat16.
 """
 
 from __future__ import annotations

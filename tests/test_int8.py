@@ -131,6 +131,28 @@ def test_int8_product_is_the_product_with_the_dequantized_weight(spec, w_shape, 
     assert weight(spec, x, jnp.bfloat16).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32])
+def test_a_bfloat16_int8_products_gradient_is_a_bfloat16_product(out_dtype):
+    """The product is accumulated in float32, but its gradient product to x (what LoRA on
+    an int8 base trains through) runs in bfloat16, and agrees with float32 arithmetic."""
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.normal(size=(64, 96)) / 8, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.float32)  # 10 rows: XLA's product
+    weight = int8.Int8Weight(*int8.quantize_array(w, ("layers", "feed_forward", "w1")))
+
+    def loss(x, dtype):
+        y = weight("BTD,DF->BTF", x, dtype, out_dtype)
+        return jnp.mean(jnp.sin(y.astype(jnp.float32)))
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    text = grad.lower(x, "bfloat16").as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 2  # the product and its gradient to x
+    assert all("xf32>, tensor" not in d and "f32>) ->" not in d for d in dots), dots
+    ours, exact = grad(x, "bfloat16"), grad(x, "float32")
+    np.testing.assert_allclose(ours, exact, rtol=0.05, atol=0.02 * float(jnp.abs(exact).max()))
+
+
 # --------------------------------------------------------------------------- models
 
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from llama_jax import precision
 from llama_jax.errors import LlamaError
 from llama_jax.inference import int8_cpu, int8_gpu
 from llama_jax.model.layers import weight_order
@@ -110,11 +111,10 @@ class Int8Weight(nnx.Module):
             )
             y = y.reshape(*x.shape[: x.ndim - n_in], *self.scale.shape)
             return y.astype(out_dtype or dtype)
-        y = jnp.einsum(
-            weight_order(spec),  # contract in the weight's storage order: no transposed copy
-            x.astype(dtype),
-            self.values[...].astype(dtype),
-            preferred_element_type=jnp.float32,
+        # Contracted in the weight's storage order (no transposed copy); accumulated in
+        # float32, with the gradient product to x in `dtype` (precision.einsum).
+        y = precision.einsum(
+            weight_order(spec), x.astype(dtype), self.values[...].astype(dtype), jnp.float32
         )
         # Line the scale's axes up with the output's: same order, 1 for the other letters.
         order = "".join(c for c in out if c in out_letters)
