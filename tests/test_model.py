@@ -280,9 +280,12 @@ def test_model_call_is_one_compiled_program_and_inline_inside_a_trace(caplog):
     assert first == 1 and again == 0 and op_by_op > 10, (first, again, op_by_op)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
-    # Inside a trace the call is the model's own: no nested program in the jaxpr.
+    # Inside a trace the call is the model's own: no nested program in the jaxpr, whether
+    # the tokens are traced or not.
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    assert "__call__" not in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x))(state)
     assert "__call__" not in str(jaxpr)
     # A gradient with concrete tokens (the model's arrays traced) goes through it too.
     loss = lambda m: jnp.mean(m(x) ** 2)

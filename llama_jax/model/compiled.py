@@ -30,6 +30,7 @@ class CompiledTransformer(Transformer):
 
     def __call__(self, tokens, positions=None, attention_mask=None, cache=None):
         """Transformer.__call__, compiled once per input shape when called on arrays."""
-        if isinstance(tokens, jax.core.Tracer):
+        # Traced tokens, or traced weights (a gradient taken with concrete tokens).
+        if any(isinstance(a, jax.core.Tracer) for a in (tokens, self.norm.weight[...])):
             return Transformer.__call__(self, tokens, positions, attention_mask, cache)
         return _compiled_call(self, tokens, positions, attention_mask, cache)
