@@ -10,8 +10,6 @@ logits of every position.
 
 from __future__ import annotations
 
-import time
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -27,9 +25,10 @@ def run(res: Results, ckpt: str, hf: str, length: int, repeats: int) -> None:
     x = jnp.asarray(tokens, jnp.int32)
     # The first call at a new length: compilation included (one program, or one per
     # operation op by op; a length neither way has seen yet, the next one for op by op).
-    first = _seconds(lambda: model(x).block_until_ready())
+    first = time_calls(lambda: model(x).block_until_ready(), 1, warmup=0)["min"]
     y = jnp.asarray(tokens[0] + tokens[0][:1], jnp.int32)[None]  # [1, length + 1]
-    first_eager = _seconds(lambda: Transformer.__call__(model, y).block_until_ready())
+    eager_call = lambda: Transformer.__call__(model, y).block_until_ready()  # noqa: E731
+    first_eager = time_calls(eager_call, 1, warmup=0)["min"]
     ours = time_calls(lambda: model(x).block_until_ready(), repeats)
     peer = run_peer("prefill", hf_dir=hf, tokens=tokens, repeats=repeats)
     rate = lambda t: length / t["median"]  # noqa: E731
@@ -49,9 +48,3 @@ def run(res: Results, ckpt: str, hf: str, length: int, repeats: int) -> None:
     res.add(
         f"prefill 1x{length}, nnx.jit(model)", "tokens/s", rate(ours_jit), rate(peer["seconds"])
     )
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
