@@ -7,11 +7,14 @@ sequences fit in memory. Each kernel takes the reference's arguments and layouts
 
     cudnn   cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
             bfloat16/float16; plain causal or masked)
-    splash  Pallas splash attention for TPUs (jax.experimental.pallas.ops.tpu), causal.
-            A mask (padding, or a KV cache: decoding) goes to the reference instead, so
-            on TPUs it speeds up training and unpadded prefill. Off TPUs it runs in
-            Pallas interpret mode: correct, slow, for tests. One device: under a mesh
-            the kernel would need a shard_map over batch and heads (not provided).
+    splash  The TPU path, two Pallas kernels. Without a mask (training, unpadded
+            prefill): splash attention (jax.experimental.pallas.ops.tpu), causal.
+            Decoding from a KV cache (a mask, at most RAGGED_MAX_QUERIES new tokens):
+            `ragged_decode_attention` below, which reads only the cache blocks that
+            hold attended slots. Other masked calls (padded prefill) go to the
+            reference. Off TPUs both kernels run in Pallas interpret mode: correct,
+            slow, for tests. One device: under a mesh the kernels would need a
+            shard_map over batch and heads (not provided).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ NAMES = ("cudnn", "splash")
 # splash attention works on blocks of 128 query and key positions (the TPU's lane width);
 # sequences are padded up to a multiple of it.
 SPLASH_BLOCK = 128
+LANES = 128
+
+# The ragged decode kernel reads the cache in blocks of one of these sizes (the largest
+# that divides the cache's slots); it serves calls of at most RAGGED_MAX_QUERIES new
+# tokens per row: decoding (1) and speculative verification (the drafts plus one).
+RAGGED_BLOCKS = (512, 256, 128)
+RAGGED_MAX_QUERIES = 16
 
 
 def attention(name: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None):
@@ -88,9 +98,10 @@ def splash_attention(q, k, v, mask, *, interpret: bool | None = None):
       [B, T, N, H] in q's dtype.
     """
     if mask is not None:
-        # Padding or a KV cache: the kernel's masks are static per head, not per row;
-        # the reference handles these (decoding reads one query row, where a fused
-        # kernel gains little).
+        # Splash's masks are static per head, not per row: decoding goes to the ragged
+        # kernel, padded prefill to the reference.
+        if ragged_decode_fits(q, k):
+            return ragged_decode_attention(q, k, v, mask, interpret=interpret)
         from llama_jax.model.attention import attend
 
         return attend(q, k, v, mask)
@@ -127,3 +138,161 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
     # whichever jit first asked for this kernel.
     with jax.ensure_compile_time_eval():
         return sa.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+# --------------------------------------------------------------------------- ragged decode
+
+
+def ragged_decode_fits(q: jax.Array, k: jax.Array) -> bool:
+    """Whether `ragged_decode_attention` takes these shapes (else the reference does)."""
+    T, H, S = q.shape[1], q.shape[3], k.shape[2]
+    blocks_fit = any(S % b == 0 for b in RAGGED_BLOCKS)
+    return T <= RAGGED_MAX_QUERIES and blocks_fit and (H < LANES or H % LANES == 0)
+
+
+def ragged_decode_attention(q, k, v, mask, *, interpret: bool | None = None):
+    """`attend` over a KV cache that reads only the blocks of slots the mask attends to.
+
+    A static cache has S slots but a row attends to the slots between its first prompt
+    token and the newest one; the rest are left padding or not written yet. The
+    reference reads all S slots at every step. This Pallas kernel (TPU) walks the cache
+    in blocks per (row, KV head): a block outside the row's attended range is neither
+    computed nor fetched (its block index is that of the nearest attended block, the
+    same as the step beside it, so the pipeline issues no copy). Inside the range the
+    mask is applied slot by slot, so any mask gives the reference's result (holes
+    included), with an online softmax in float32.
+
+    The caches of `jax.experimental.pallas.ops.tpu`'s paged and ragged-paged attention
+    are [KV heads, pages, ...] or keys and values interleaved: using them would copy
+    this model's [B, K, S, H] cache at every step, so the kernel reads it where it lies.
+
+    Gradients (unusual here: this is a decoding kernel) are the reference's.
+
+    Args:
+      q: [B, T, N, H] queries, T <= RAGGED_MAX_QUERIES; k, v: [B, K, S, H], S a
+        multiple of one of RAGGED_BLOCKS; H below 128 or a multiple of it.
+      mask: [B, T, S] bool, True = may attend.
+      interpret: run in Pallas interpret mode; default: unless on a TPU.
+    Returns:
+      [B, T, N, H] in q's dtype. A row that may attend to nothing gets zeros (the
+      reference gives it uniform weights; either way such a row is padding).
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    return _ragged(q, k, v, mask, interpret)
+
+
+def _ragged_forward(q, k, v, mask, interpret):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, T, N, H = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = N // K
+    R = G * T  # query rows per KV head: row g * T + t is query head k * G + g at token t
+    block = next(b for b in RAGGED_BLOCKS if S % b == 0)
+    qr = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, R, H)
+    keep = jnp.broadcast_to(mask[:, None], (B, G, T, S)).reshape(B, R, S).astype(jnp.float32)
+    # Each row's first and last block holding an attended slot (first > last: none).
+    attended = mask.any(axis=1)  # [B, S]
+    slot = jnp.arange(S, dtype=jnp.int32)
+    first = (jnp.min(jnp.where(attended, slot, S), axis=1) // block).astype(jnp.int32)
+    last = (jnp.max(jnp.where(attended, slot, 0), axis=1) // block).astype(jnp.int32)
+
+    sq = pl.squeezed
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(B, K, S // block),
+        in_specs=[
+            pl.BlockSpec((sq, sq, R, H), lambda b, h, i, f, l: (b, h, 0, 0)),
+            pl.BlockSpec(
+                (sq, sq, block, H), lambda b, h, i, f, l: (b, h, _block_in_range(i, f, l, b), 0)
+            ),
+            pl.BlockSpec(
+                (sq, sq, block, H), lambda b, h, i, f, l: (b, h, _block_in_range(i, f, l, b), 0)
+            ),
+            pl.BlockSpec((sq, R, block), lambda b, h, i, f, l: (b, 0, _block_in_range(i, f, l, b))),
+        ],
+        out_specs=pl.BlockSpec((sq, sq, R, H), lambda b, h, i, f, l: (b, h, 0, 0)),
+        scratch_shapes=[
+            pltpu.VMEM((R, LANES), jnp.float32),  # running max, repeated over the lanes
+            pltpu.VMEM((R, LANES), jnp.float32),  # running softmax denominator
+            pltpu.VMEM((R, H), jnp.float32),  # running output
+        ],
+    )
+    out = pl.pallas_call(
+        _ragged_kernel,
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((B, K, R, H), q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+    )(first, last, qr, k, v, keep)
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _block_in_range(i, first, last, b):
+    """Block i of row b, or the nearest of its attended blocks first[b] .. last[b]."""
+    return jnp.minimum(jnp.maximum(i, first[b]), last[b])
+
+
+def _ragged_kernel(
+    first_ref, last_ref, q_ref, k_ref, v_ref, keep_ref, o_ref, m_ref, l_ref, acc_ref
+):
+    """One (row, KV head, block of slots) step of the online softmax over the cache."""
+    from jax.experimental import pallas as pl
+
+    b, i = pl.program_id(0), pl.program_id(2)
+    H, block = q_ref.shape[-1], k_ref.shape[0]
+
+    @pl.when(i == 0)
+    def _start():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when((i >= first_ref[b]) & (i <= last_ref[b]))
+    def _block():
+        nt = (((1,), (1,)), ((), ()))  # q [R, H] x k [block, H] -> [R, block]
+        s = jax.lax.dot_general(q_ref[...], k_ref[...], nt, preferred_element_type=jnp.float32)
+        s = jnp.where(keep_ref[...] > 0, s * H**-0.5, jnp.finfo(jnp.float32).min)
+        m_prev = m_ref[...]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])  # [R, LANES]
+        p = jnp.exp(s - jnp.tile(m_next, (1, block // LANES)))
+        alpha = jnp.exp(m_prev - m_next)  # rescales what earlier blocks summed
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1)[:, None]
+        m_ref[...] = m_next
+        pv = jax.lax.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+        acc_ref[...] = _to_width(alpha, H) * acc_ref[...] + pv
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _finish():
+        l = l_ref[...]
+        inv = _to_width(jnp.where(l == 0.0, 1.0, 1.0 / l), H)
+        o_ref[...] = (acc_ref[...] * inv).astype(o_ref.dtype)
+
+
+def _to_width(x, width: int):
+    """[R, LANES] (every lane equal) as [R, width]."""
+    return x[:, :width] if width < LANES else jnp.tile(x, (1, width // LANES))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ragged(q, k, v, mask, interpret):
+    return _ragged_forward(q, k, v, mask, interpret)
+
+
+def _ragged_fwd(q, k, v, mask, interpret):
+    return _ragged_forward(q, k, v, mask, interpret), (q, k, v, mask)
+
+
+def _ragged_bwd(interpret, res, g):
+    from llama_jax.model.attention import attend
+
+    q, k, v, mask = res
+    _, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+    return (*vjp(g), None)
+
+
+_ragged.defvjp(_ragged_fwd, _ragged_bwd)

@@ -2,8 +2,8 @@
 
 The cuDNN kernel needs an NVIDIA GPU; its layout handling is tested on the CPU by sending
 the same arrays through `jax.nn.dot_product_attention`'s XLA implementation (jax's code,
-not ours). The TPU splash kernel runs here in Pallas interpret mode: the real kernel
-body, interpreted on the CPU.
+not ours). The TPU kernels (splash, ragged decode) run here in Pallas interpret mode:
+the real kernel bodies, interpreted on the CPU.
 """
 
 import jax
@@ -84,11 +84,73 @@ def test_splash_bfloat16_and_gradients():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_splash_with_a_mask_is_the_reference():
-    q, k, v = qkv(2, 5, 16, 4, 2, 16, seed=2)
+def test_splash_with_a_mask_the_kernel_cannot_take_is_the_reference():
+    q, k, v = qkv(2, 5, 16, 4, 2, 16, seed=2)  # 16 slots: no block of the ragged kernel
     mask = padded_causal(2, 5, 16, start=3, lengths=[8, 5])
     got = kernels.attention("splash", q, k, v, mask)
     np.testing.assert_array_equal(got, attend(q, k, v, mask))
+    q, k, v = qkv(1, 40, 128, 4, 2, 16, seed=2)  # 40 new tokens: a padded prefill
+    mask = padded_causal(1, 40, 128, start=0, lengths=[30])
+    np.testing.assert_array_equal(kernels.attention("splash", q, k, v, mask), attend(q, k, v, mask))
+
+
+# --------------------------------------------------------------------------- ragged decode
+
+
+@pytest.mark.parametrize(
+    "B, T, S, N, K, H, start, lengths",
+    [
+        (2, 1, 256, 4, 2, 64, 150, [151, 20]),  # GQA; row 1 attends to block 1 only
+        (3, 1, 128, 4, 4, 128, 5, [6, 3, 1]),  # MHA, one block, head dim of 128
+        (2, 3, 384, 6, 2, 64, 300, [303, 3]),  # three new tokens (speculative verification)
+        (1, 1, 1024, 2, 1, 32, 600, [601]),  # blocks of 512
+    ],
+)
+def test_ragged_decode_in_interpret_mode_matches_attend(B, T, S, N, K, H, start, lengths):
+    q, k, v = qkv(B, T, S, N, K, H, seed=3)
+    mask = padded_causal(B, T, S, start, lengths)
+    assert kernels.ragged_decode_fits(q, k)
+    got = kernels.attention("splash", q, k, v, mask)  # the splash path's decoding kernel
+    np.testing.assert_allclose(got, attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_decode_follows_the_mask_inside_the_range_and_skips_blocks_outside():
+    B, T, S, N, K, H = 2, 2, 384, 4, 2, 64
+    q, k, v = qkv(B, T, S, N, K, H, seed=4)
+    mask = np.array(padded_causal(B, T, S, start=260, lengths=[262, 10]))
+    mask[0, :, 40:170] = False  # a hole across block 0 and 1: slots no query may see
+    mask[1, 1, 255] = False  # one query's own mask differs from its row's other query
+    mask = jnp.asarray(mask)
+    want = attend(q, k, v, mask)
+    # Row 1 attends to slots 252..261 (blocks 1 and 2): poison its block 0. The
+    # reference multiplies it by zero weights and gets NaN; the kernel never reads it.
+    k = k.at[1, :, :128].set(jnp.nan)
+    v = v.at[1, :, :128].set(jnp.nan)
+    got = kernels.ragged_decode_attention(q, k, v, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # A skipped block's index repeats its neighbour's, so the pipeline fetches nothing.
+    first, last = jnp.array([0, 1]), jnp.array([2, 2])
+    blocks = [[int(kernels._block_in_range(i, first, last, b)) for i in range(3)] for b in (0, 1)]
+    assert blocks == [[0, 1, 2], [1, 1, 2]]
+
+
+def test_ragged_decode_bfloat16_and_gradients():
+    q, k, v = qkv(2, 1, 256, 4, 2, 64, seed=5)
+    mask = padded_causal(2, 1, 256, start=200, lengths=[201, 90])
+    b16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = kernels.ragged_decode_attention(*b16, mask)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        got.astype(jnp.float32), attend(*b16, mask).astype(jnp.float32), atol=2e-2
+    )
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+
+    got = jax.grad(loss(lambda *a: kernels.ragged_decode_attention(*a, mask)), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda *a: attend(*a, mask)), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_model_with_splash_attention_matches_the_reference_model():
@@ -97,5 +159,22 @@ def test_model_with_splash_attention_matches_the_reference_model():
     ref = lj.build_model(cfg, seed=1)
     fused = lj.build_model(cfg, seed=1, attention="splash")
     np.testing.assert_allclose(fused(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
-    prompts = [[3, 1, 4, 1, 5], [9, 2]]  # padded prefill and decoding: the reference path
+    # Padded prefill (the reference path), then decoding through the ragged kernel.
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
     assert list(lj.generate(fused, prompts, 4)) == list(lj.generate(ref, prompts, 4))
+    cache = fused.init_cache(2, 128)
+    _, cache = fused(tokens, cache=cache)
+    step = jax.make_jaxpr(lambda t, c: fused(t, cache=c))(tokens[:, :1], cache)
+    assert "pallas_call" in str(step)
+
+
+def test_tpu_kernels_lower_for_a_tpu():
+    """Both TPU kernels pass Pallas's TPU lowering (block shapes, scalar prefetch), exported
+    from this CPU; only a TPU can compile and run the result."""
+    q, k, v = qkv(2, 1, 1024, 32, 8, 128, dtype=jnp.bfloat16)
+    mask = padded_causal(2, 1, 1024, start=700, lengths=[701, 30])
+    ragged = jax.jit(lambda *a: kernels.ragged_decode_attention(*a, interpret=False))
+    splash = jax.jit(lambda q, k, v: kernels.splash_attention(q, k, v, None, interpret=False))
+    for fn, args in ((ragged, (q, k, v, mask)), (splash, qkv(1, 256, 256, 4, 2, 128))):
+        exported = jax.export.export(fn, platforms=["tpu"])(*args)
+        assert "tpu_custom_call" in exported.mlir_module()

@@ -73,7 +73,7 @@ class Transformer(nnx.Module):
       rngs: random keys for the initial weights.
       remat: what training recomputes in the backward pass (REMAT_POLICIES).
       attention: how attention is computed: "xla" (the reference einsums, every backend)
-        or a fused kernel of llama_jax.kernels ("cudnn" on NVIDIA GPUs).
+        or a fused kernel of llama_jax.kernels ("cudnn" on NVIDIA GPUs, "splash" on TPUs).
     """
 
     def __init__(
