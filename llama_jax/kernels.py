@@ -13,13 +13,14 @@ sequences fit in memory. Each kernel takes the reference's arguments and layouts
             `ragged_decode_attention` below, which reads only the cache blocks that
             hold attended slots. Other masked calls (padded prefill) go to the
             reference. Off TPUs both kernels run in Pallas interpret mode: correct,
-            slow, for tests. One device: under a mesh the kernels would need a
-            shard_map over batch and heads (not provided).
+            slow, for tests. Under a mesh each device runs them on its own rows and
+            heads (`per_shard`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +54,51 @@ def attention(name: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     if name == "cudnn":
         return cudnn_attention(q, k, v, mask)
     if name == "splash":
-        return splash_attention(q, k, v, mask)
+        return per_shard(splash_attention, q, k, v, mask)
     raise LlamaError(f"attention kernel {name!r} is not one of: {', '.join(NAMES)}.")
+
+
+def per_shard(fn, q, k, v, mask):
+    """`fn(q, k, v, mask)` on each device's rows and heads when a mesh is in context.
+
+    A Pallas TPU kernel is one custom call that XLA cannot split: under a mesh its
+    inputs would be gathered whole onto every device. Attention is independent per row
+    and per KV head, so `jax.shard_map` runs the kernel on the rows and heads each device
+    holds (as the rules table lays them out: batch over data and fsdp, heads over
+    tensor), with no communication. With fewer KV heads than the tensor axis (Llama 3's
+    8 on 16 devices) the KV heads are held whole (the rules replicate them) and each
+    device takes the one KV head its query heads use.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, mask)
+    from jax.sharding import PartitionSpec as P
+
+    from llama_jax.sharding.rules import logical_to_spec
+
+    def spec(axes, shape):
+        got = tuple(logical_to_spec(axes, shape, mesh))
+        return got + (None,) * (len(shape) - len(got))
+
+    rows, _, heads, _ = spec(("batch", None, "act_heads", None), q.shape)
+    _, kv_heads, _, _ = spec(("batch", "act_kv_heads", None, None), k.shape)
+    K = k.shape[1]
+    axes = (heads,) if isinstance(heads, str) else (heads or ())
+    n = math.prod(mesh.shape[a] for a in axes)  # devices the query heads are split over
+    one_kv_head = heads is not None and kv_heads is None
+    if one_kv_head and n % K:  # validate() refuses such meshes; keep the heads whole
+        heads, one_kv_head = None, False
+
+    def call(q, k, v, *mask):
+        if one_kv_head:  # the KV head this device's query heads use
+            kv = jax.lax.axis_index(heads) * K // n
+            k, v = (jax.lax.dynamic_slice_in_dim(x, kv, 1, axis=1) for x in (k, v))
+        return fn(q, k, v, *mask) if mask else fn(q, k, v, None)
+
+    q_spec, kv_spec = P(rows, None, heads, None), P(rows, kv_heads, None, None)
+    specs = (q_spec, kv_spec, kv_spec) + (() if mask is None else (P(rows, None, None),))
+    args = (q, k, v) + (() if mask is None else (mask,))
+    return jax.shard_map(call, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def cudnn_attention(q, k, v, mask):
