@@ -161,7 +161,11 @@ def test_model_with_splash_attention_matches_the_reference_model():
     np.testing.assert_allclose(fused(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
     # Padded prefill (the reference path), then decoding through the ragged kernel.
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
-    assert list(lj.generate(fused, prompts, 4)) == list(lj.generate(ref, prompts, 4))
+    want = list(lj.generate(ref, prompts, 8))
+    assert list(lj.generate(fused, prompts, 8)) == want
+    # Speculative verification: 5 new tokens per row against the cache, same kernel.
+    draft = lj.draft_from_layers(ref, 1)
+    assert list(lj.speculative_generate(fused, draft, prompts, 8, speculate_k=4)) == want
     cache = fused.init_cache(2, 128)
     _, cache = fused(tokens, cache=cache)
     step = jax.make_jaxpr(lambda t, c: fused(t, cache=c))(tokens[:, :1], cache)
