@@ -51,6 +51,9 @@ def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
     pieces = []
     want = generate_text(model, tok, "the llama", 12, on_text=lambda row, t: pieces.append(t))
     assert out == "the llama" + want + "\n" and len(pieces) > 1
+    # The TPU kernels (interpreted here) compute the same function.
+    assert main(greedy_argv(path, 12, "--attention", "splash")) == 0
+    assert capsys.readouterr().out == out
 
 
 def test_generate_command_batch_and_chat(checkpoint, capsys):

@@ -149,7 +149,7 @@ def test_sft_prompt_tokens_give_no_gradient(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in pairs)
 
 
-def two_steps(mesh):
+def two_steps(mesh, attention="xla"):
     """Weights and losses after two updates of a float32 model, on `mesh` or one device."""
     # eps above most |g| keeps Adam's update smooth in g: with a tiny eps the first update
     # is lr * sign(g), and a near-zero g's sign depends on the order of a sharded sum.
@@ -161,6 +161,7 @@ def two_steps(mesh):
         warmup_steps=0,
         learning_rate=1e-2,
         eps=1e-4,
+        attention=attention,
     )
     t = training.Trainer(CFG.replace(dtype="float32"), tc, mesh)
     p = t.init_params()
@@ -192,6 +193,16 @@ def test_sharded_train_step_matches_single_device(mesh_spec, single_device_steps
         jax.tree.leaves(results["mesh"][0]), jax.tree.leaves(results["single"][0]), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
+def test_training_with_the_tpu_kernels_matches_the_reference(single_device_steps):
+    # attention="splash" (interpreted on the CPU), per shard under fsdp x tensor.
+    p, losses = two_steps(make_mesh("data=2,fsdp=2,tensor=2"), attention="splash")
+    np.testing.assert_allclose(losses, single_device_steps[1], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(single_device_steps[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    with pytest.raises(LlamaError, match="attention 'flash' is not one of"):
+        training.TrainConfig(attention="flash")
 
 
 def test_loss_falls_on_a_real_corpus_in_mixed_precision(tmp_path):

@@ -1,4 +1,4 @@
-"""Flags shared by several commands: the mesh and the multi-host runtime."""
+"""Flags shared by several commands: the attention kernel, the mesh and the multi-host runtime."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ import argparse
 from llama_jax.errors import LlamaError
 from llama_jax.sharding.distributed import initialize_distributed
 from llama_jax.sharding.mesh import MESH_HELP
+
+ATTENTION_HELP = (
+    "how attention is computed: xla (the reference, every backend; default), cudnn "
+    "(NVIDIA GPUs, bfloat16/float16) or splash (TPUs: splash attention and ragged decode)"
+)
+
+
+def add_attention_argument(parser: argparse.ArgumentParser, default: str = "xla") -> None:
+    """Add `--attention KERNEL`: the reference einsums or a kernel of llama_jax.kernels."""
+    from llama_jax.model.attention import KERNELS
+
+    parser.add_argument("--attention", default=default, choices=KERNELS, help=ATTENTION_HELP)
 
 
 def add_mesh_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:

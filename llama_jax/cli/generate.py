@@ -9,7 +9,7 @@ from llama_jax.inference.sampling import SamplingParams
 
 def add_sampling_arguments(p, max_new_tokens: int) -> None:
     """The flags `generate` and `chat` share: checkpoint, tokenizer, sampling, mesh."""
-    from llama_jax.cli.common import add_mesh_argument
+    from llama_jax.cli.common import add_attention_argument, add_mesh_argument
 
     p.add_argument(
         "--checkpoint",
@@ -52,6 +52,7 @@ def add_sampling_arguments(p, max_new_tokens: int) -> None:
         default=None,
         help="KV cache slots (default: enough for prompt and answer, at most the model's context)",
     )
+    add_attention_argument(p)
     add_mesh_argument(p)
 
 
@@ -73,7 +74,13 @@ def load_for_generation(args):
     tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # check flags early
     mesh = make_mesh(args.mesh)
-    model = llama_jax.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
+    model = llama_jax.load(
+        args.checkpoint,
+        mesh=mesh,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        attention=args.attention,
+    )
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LlamaError(
             f"The tokenizer ({getattr(tokenizer, 'source', '?')}) has {tokenizer.vocab_size} ids "
@@ -146,7 +153,9 @@ def _load_draft(args, model):
         return None
     if not os.path.isdir(args.draft):
         raise LlamaError(f"--draft {args.draft}: no such directory.")
-    return llama_jax.load(args.draft, mesh=make_mesh(args.mesh), dtype=args.dtype)
+    return llama_jax.load(
+        args.draft, mesh=make_mesh(args.mesh), dtype=args.dtype, attention=args.attention
+    )
 
 
 def run(args) -> int:

@@ -17,7 +17,7 @@ from llama_jax.training.step import TrainConfig
 
 def add_arguments(p) -> None:
     """Flags of `llama-jax train`."""
-    from llama_jax.cli.common import add_mesh_argument
+    from llama_jax.cli.common import add_attention_argument, add_mesh_argument
 
     d = TrainConfig()
     p.add_argument(
@@ -95,6 +95,7 @@ def add_arguments(p) -> None:
         choices=sorted(REMAT_POLICIES),
         help="rematerialisation policy of the layer scan",
     )
+    add_attention_argument(p, d.attention)
     lora = p.add_argument_group("LoRA (train low-rank adapters on a frozen --init model)")
     lora.add_argument(
         "--lora-rank",

@@ -46,6 +46,7 @@ from llama_jax import sharding
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.errors import LlamaError
 from llama_jax.model import REMAT_POLICIES, CompiledTransformer, Transformer
+from llama_jax.model.attention import KERNELS
 from llama_jax.training import lora
 from llama_jax.training.data import TokenDataset
 
@@ -68,6 +69,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # global gradient norm; 0 turns clipping off
     compute_dtype: str = "bfloat16"  # matmul dtype; master weights are always float32
     remat: str = "none"  # a key of model.REMAT_POLICIES
+    attention: str = "xla"  # the reference einsums, or a kernel of llama_jax.kernels
     seed: int = 0  # initial weights (when not fine-tuning) and data order
     eval_every: int = 100  # steps between held-out evaluations; 0: only at start and end
     eval_batches: int = 4  # batches of B rows per evaluation (always the same rows)
@@ -112,6 +114,8 @@ class TrainConfig:
             raise LlamaError(f"compute dtype {self.compute_dtype!r} is not one of {DTYPES}.")
         if self.remat not in REMAT_POLICIES:
             raise LlamaError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}.")
+        if self.attention not in KERNELS:
+            raise LlamaError(f"attention {self.attention!r} is not one of {list(KERNELS)}.")
         if self.lora_rank != 0:
             lora.check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout)
             object.__setattr__(self, "lora_targets", lora.check_targets(self.lora_targets))
@@ -348,7 +352,9 @@ class Trainer:
         """The model as trained (adapted when LoRA is on); seed: its initial weights."""
         tc = self.tc
         seed = tc.seed if seed is None else seed
-        model = CompiledTransformer(self.cfg, rngs=nnx.Rngs(seed), remat=tc.remat)
+        model = CompiledTransformer(
+            self.cfg, rngs=nnx.Rngs(seed), remat=tc.remat, attention=tc.attention
+        )
         if tc.base_quantization is not None:
             # Before the adapters wrap them: each adapter's base is then an Int8Weight.
             from llama_jax.inference import int8
