@@ -88,6 +88,28 @@ def test_stop_ids_and_finish_reasons_as_generate(target, prompts):
     assert g.finish_reasons[:3] == ["stop"] * 3 and g.finish_reasons[3] == "length"
 
 
+def test_streamed_tokens_are_the_returned_ones_and_a_row_can_be_ended(target, prompts, plain):
+    # Row 1 ends at a stop id (left out of the stream): one it first makes after 5 tokens.
+    first = next(j for j in range(5, 40) if plain[1][j] not in plain[1][:j])
+    stops = [[], [plain[1][first]], [], []]
+    draft = draft_from_layers(target, 1)
+    pieces = {i: [] for i in range(len(prompts))}
+
+    def collect(i, tokens):
+        pieces[i].append(tokens)
+
+    kw = dict(stop_ids=stops, speculate_k=3)
+    g = speculative_generate(target, draft, prompts, 40, on_tokens=collect, **kw)
+    assert list(g) == list(speculative_generate(target, draft, prompts, 40, **kw))
+    assert [sum(pieces[i], []) for i in range(len(prompts))] == list(g)
+    assert all(len(pieces[i]) > 1 for i in range(len(prompts)))  # round by round
+    assert len(g[1]) == first and g.finish_reasons[1] == "stop"
+    # Returning True ends a row where it is: row 2 after its first round.
+    g = speculative_generate(target, draft, prompts, 40, on_tokens=lambda i, t: i == 2, **kw)
+    assert g[2] == plain[2][: len(g[2])] and len(g[2]) < 40 and g.finish_reasons[2] == "stop"
+    assert g[3] == plain[3] and g.finish_reasons[3] == "length"
+
+
 def test_small_cache_ends_rows_with_cache_full(target):
     g = speculative_generate(target, target, [[1, 2, 3]], 100, speculate_k=3, cache_len=24)
     plain = lj.generate(target, [[1, 2, 3]], 100)
@@ -259,6 +281,35 @@ def test_generate_command_with_a_draft(checkpoint, capsys):  # noqa: F811
         assert "accepted" in captured.err
     argv = ["generate", "--checkpoint", str(path), "--prompt", "x", "--draft-layers", "9"]
     assert main(argv) == 2 and "draft layers" in capsys.readouterr().err
+    # A chat answer is streamed and printed too.
+    assert main(greedy_argv(path, 12, "--chat")) == 0
+    chat = capsys.readouterr().out
+    assert main(greedy_argv(path, 12, "--chat", "--draft-layers", "1")) == 0
+    assert capsys.readouterr().out == chat and chat.strip()
+
+
+def test_streamed_text_with_stop_strings_is_plain_generate_text(checkpoint):  # noqa: F811
+    from llama_jax.inference.generate import generate_text
+    from llama_jax.inference.speculative import speculative_generate_text
+
+    _, model, tok = checkpoint
+    prompts = ["the llama", "alpacas watched"]
+    full = generate_text(model, tok, prompts, 24)
+    stop = [full[0][8:11]]  # a stop string inside row 0's text
+    want, reasons = generate_text(model, tok, prompts, 24, stop=stop, return_finish_reasons=True)
+    pieces = {0: [], 1: []}
+    texts, got_reasons, _ = speculative_generate_text(
+        model,
+        draft_from_layers(model, 1),
+        tok,
+        prompts,
+        24,
+        stop=stop,
+        speculate_k=2,
+        on_text=lambda i, t: pieces[i].append(t),
+    )
+    assert texts == want and got_reasons == reasons and reasons[0] == "stop"
+    assert ["".join(pieces[i]) for i in (0, 1)] == want and len(pieces[1]) > 1
 
 
 def test_real_model_greedy_equals_plain_greedy(tmp_path):

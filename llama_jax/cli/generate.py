@@ -191,11 +191,16 @@ def run(args) -> int:
         from llama_jax.inference.speculative import speculative_generate_text
 
         texts, reasons, rate = speculative_generate_text(
-            model, draft, tokenizer, prompts, *sampling, speculate_k=args.speculate, **options
+            model,
+            draft,
+            tokenizer,
+            prompts,
+            *sampling,
+            speculate_k=args.speculate,
+            on_text=on_text if show and single else None,
+            **options,
         )
         if show:
-            if single and not args.chat:
-                sys.stdout.write(texts[0])
             print(
                 f"[speculative decoding: k={args.speculate}, {rate:.1%} of the draft's "
                 "tokens accepted]",

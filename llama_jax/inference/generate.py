@@ -512,52 +512,70 @@ def generate_text(
     stop_ids, pad_id = sorted(tokenizer.stop_ids), tokenizer.pad_id
     streaming = bool(stop) or on_text is not None  # stop strings are checked after every step
     stream = _start(model, ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, streaming)
-    decoders = [tokenizer.stream_decoder() for _ in items]
-    texts = [""] * len(items)
-    sent = [0] * len(items)  # characters already passed to on_text
-    hold = max((len(s) for s in stop), default=1) - 1  # text that may begin a stop string
-
-    def emit(i, final=False):
-        text = texts[i]
-        end = len(text) if final else max(sent[i], len(text) - hold)
-        if on_text is not None and end > sent[i]:
-            on_text(i, text[sent[i] : end])
-        sent[i] = end
+    rows = TextRows(tokenizer, len(items), stop, on_text)
 
     def result(texts):
-        reasons = [STOP if i in cut_rows else r for i, r in enumerate(stream.finish_reasons)]
+        reasons = [STOP if i in rows.cut else r for i, r in enumerate(stream.finish_reasons)]
         if not return_finish_reasons:
             return texts[0] if single else texts
         return (texts[0], reasons[0]) if single else (texts, reasons)
 
-    cut_rows: set[int] = set()
-    if not stop and on_text is None:
+    if not streaming:
         for _ in stream:
             pass
-        texts = [tokenizer.decode(t) for t in stream.tokens]
-        return result(texts)
-
-    def check_stop(i):
-        cut = min((texts[i].find(s) for s in stop if s in texts[i]), default=-1)
-        if cut >= 0:
-            texts[i] = texts[i][:cut]
-            cut_rows.add(i)
-        return cut >= 0
-
+        return result([tokenizer.decode(t) for t in stream.tokens])
     for step in stream:
-        ended = []
-        for i, tok in enumerate(step):
-            if tok is None or i in cut_rows:
-                continue
-            texts[i] += decoders[i].push(tok)
-            if check_stop(i):
-                ended.append(i)
-            emit(i, final=i in cut_rows)
+        ended = [i for i, tok in enumerate(step) if tok is not None and rows.push(i, tok)]
         if ended:
             stream.stop_rows(ended)
-    for i in range(len(items)):
-        if i not in cut_rows:
-            texts[i] += decoders[i].flush()
-            check_stop(i)
-        emit(i, final=True)
-    return result(texts)
+    return result(rows.finish())
+
+
+class TextRows:
+    """Each row's new token ids turned into text as they come, cut at stop strings.
+
+    `on_text(row, piece)` receives the text as it grows, except the last characters that
+    could still begin a stop string: those are held until they cannot, so no piece of a
+    stop string is ever passed on. Used by `generate_text` and the speculative version.
+    """
+
+    def __init__(self, tokenizer, n_rows: int, stop: Sequence[str], on_text=None):
+        self.decoders = [tokenizer.stream_decoder() for _ in range(n_rows)]
+        self.texts = [""] * n_rows
+        self.sent = [0] * n_rows  # characters already passed to on_text
+        self.cut: set[int] = set()  # rows whose text ended at a stop string
+        self.stop, self.on_text = list(stop), on_text
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def push(self, i: int, token: int) -> bool:
+        """Add row i's next token; True when its text has just reached a stop string."""
+        if i in self.cut:
+            return False
+        self.texts[i] += self.decoders[i].push(token)
+        ended = self._check_stop(i)
+        self._emit(i, final=ended)
+        return ended
+
+    def finish(self) -> list[str]:
+        """Every row's final text (the decoders flushed), the rest passed to on_text."""
+        for i in range(len(self.texts)):
+            if i not in self.cut:
+                self.texts[i] += self.decoders[i].flush()
+                self._check_stop(i)
+            self._emit(i, final=True)
+        return self.texts
+
+    def _check_stop(self, i: int) -> bool:
+        text = self.texts[i]
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            self.texts[i] = text[:cut]
+            self.cut.add(i)
+        return cut >= 0
+
+    def _emit(self, i: int, final: bool) -> None:
+        text, sent = self.texts[i], self.sent[i]
+        end = len(text) if final else max(sent, len(text) - self.hold)
+        if self.on_text is not None and end > sent:
+            self.on_text(i, text[sent:end])
+        self.sent[i] = end

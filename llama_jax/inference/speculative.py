@@ -30,7 +30,9 @@ memory; with one row there are none. The draft's cache lacks dk when all k were 
 so the draft's first step of a round feeds two tokens at I - 1, I: the row's previous
 token (valid where slot I - 1 is the row's own, written again with the same key and
 value) and x0. The whole loop runs on the device in one `jax.lax.while_loop`, compiled
-once per (batch, k, cache slots), like `generate`'s decode loop.
+once per (batch, k, cache slots), like `generate`'s decode loop; when the tokens are
+streamed (`on_tokens`, or text with `on_text` or stop strings) the same program runs
+one round per call and the host passes each round's tokens on.
 
 Dimension letters as in model/transformer.py: B batch, V vocab; k is the draft length.
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,7 @@ from llama_jax.inference.generate import (
     LENGTH,
     STOP,
     Generation,
+    TextRows,
     _check_prompts,
     _prepare_batch,
     bucket_length,
@@ -277,13 +281,14 @@ def _draft_prefill(graphdef, state, tokens, mask, *, cache_len):
     jax.jit, static_argnames=("t_graph", "d_graph", "k", "pad_id"), donate_argnames=("st",)
 )
 def _speculate(
-    t_graph, t_state, d_graph, d_state, st, stop_ids, sampling, key, n_tokens, *, k, pad_id
+    t_graph, t_state, d_graph, d_state, st, stop_ids, sampling, key, n_tokens, until, *, k, pad_id
 ):
-    """Rounds on the device until every row is done or a round no longer fits the cache."""
+    """Rounds on the device until every row is done, a round no longer fits the cache, or
+    `until` rounds have run in all."""
     target, draft = nnx.merge(t_graph, t_state), nnx.merge(d_graph, d_state)
     S = st.target.max_len
     return jax.lax.while_loop(
-        lambda st: ~jnp.all(st.done) & (st.index + k + 1 <= S),
+        lambda st: ~jnp.all(st.done) & (st.index + k + 1 <= S) & (st.rounds < until),
         lambda st: _round(target, draft, st, stop_ids, sampling, key, n_tokens, k, pad_id),
         st,
     )
@@ -317,6 +322,7 @@ def speculative_generate(
     speculate_k: int = 4,
     cache_len: int | None = None,
     pad_id: int = 0,
+    on_tokens: Callable[[int, list[int]], bool | None] | None = None,
 ) -> SpeculativeGeneration:
     """`generate`, with a draft model proposing `speculate_k` tokens per target forward.
 
@@ -334,6 +340,8 @@ def speculative_generate(
       cache_len: slots of each KV cache; default `speculative_cache_len(...)`, at most
         the smaller model context. A round needs k + 1 free slots: rows still running
         when no round fits end with reason "cache_full".
+      on_tokens: streaming: called after each round as on_tokens(row, new_ids) for every
+        row that kept tokens (stop ids left out); returning True ends that row there.
     Returns:
       a `SpeculativeGeneration`: new ids per row, `finish_reasons`, `acceptance_rate`.
     """
@@ -392,19 +400,31 @@ def speculative_generate(
             proposed=jnp.zeros((), jnp.int32),
             accepted=jnp.zeros((), jnp.int32),
         )
-        st = _speculate(
-            b.graphdef,
-            b.state,
-            d_graph,
-            d_state,
-            st,
-            stop_table,
-            b.sampling,
-            b.key,
-            np.int32(n_tokens),
-            k=k,
-            pad_id=pad_id,
-        )
+        args = (b.graphdef, b.state, d_graph, d_state)
+        rest = (stop_table, b.sampling, b.key, np.int32(n_tokens))
+        ended_here: set[int] = set()  # rows on_tokens ended
+        if on_tokens is None:
+            st = _speculate(*args, st, *rest, np.int32(2**31 - 1), k=k, pad_id=pad_id)
+        else:
+            passed = [0] * B  # tokens of each row handed to on_tokens
+            while True:
+                before = int(st.rounds)
+                st = _speculate(*args, st, *rest, np.int32(before + 1), k=k, pad_id=pad_id)
+                out, count, stopped, rounds = jax.device_get(
+                    (st.out, st.count, st.stopped, st.rounds)
+                )
+                ended = []
+                for i in range(B):
+                    end = min(int(count[i]), n_tokens) - int(stopped[i])  # not the stop id
+                    if end > passed[i] and i not in ended_here:
+                        if on_tokens(i, out[i, passed[i] : end].tolist()):
+                            ended.append(i)
+                        passed[i] = end
+                if rounds == before:  # every row done, or no room for another round
+                    break
+                if ended:
+                    ended_here.update(ended)
+                    st = dataclasses.replace(st, done=st.done.at[np.asarray(ended)].set(True))
     out, count, stopped, rounds, proposed, accepted = jax.device_get(
         (st.out, st.count, st.stopped, st.rounds, st.proposed, st.accepted)
     )
@@ -414,6 +434,8 @@ def speculative_generate(
         if stopped[i]:
             row_stops = set(stop_table[i].tolist())
             row, reason = row[: next(j for j, t in enumerate(row) if t in row_stops)], STOP
+        elif i in ended_here:
+            reason = STOP
         elif len(row) == n_tokens:
             reason = CACHE_FULL if b.cache_bound else LENGTH
         else:  # the loop ended because no further round fits in the cache
@@ -439,13 +461,15 @@ def speculative_generate_text(
     stop=None,
     speculate_k: int = 4,
     cache_len: int | None = None,
+    on_text: Callable[[int, str], None] | None = None,
 ):
-    """`generate_text` (a batch, no streaming) through `speculative_generate`.
+    """`generate_text` for a batch, through `speculative_generate`.
 
     Args:
       model, draft, speculate_k, cache_len: as for `speculative_generate`.
-      tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stop:
-        as for `generate_text` (prompts: a list of strings, or of dialogs with chat).
+      tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stop,
+        on_text: as for `generate_text` (prompts: a list of strings, or of dialogs with
+        chat); with on_text or stop strings the text is passed on round by round.
     Returns:
       (texts, finish_reasons, acceptance_rate).
     """
@@ -455,6 +479,12 @@ def speculative_generate_text(
         if not all(isinstance(p, str) and p for p in prompts):
             raise LlamaError("prompts must be non-empty strings (or dialogs with chat=True).")
         ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    stop = [s for s in (stop or ()) if s]
+    rows = TextRows(tokenizer, len(ids), stop, on_text) if stop or on_text else None
+
+    def on_tokens(i, tokens):
+        return any([rows.push(i, t) for t in tokens])  # every token, then whether it ended
+
     g = speculative_generate(
         model,
         draft,
@@ -468,10 +498,10 @@ def speculative_generate_text(
         speculate_k=speculate_k,
         cache_len=cache_len,
         pad_id=tokenizer.pad_id,
+        on_tokens=on_tokens if rows else None,
     )
-    texts, reasons = [tokenizer.decode(t) for t in g], list(g.finish_reasons)
-    for i, text in enumerate(texts):
-        cut = min((text.find(s) for s in (stop or ()) if s and s in text), default=-1)
-        if cut >= 0:
-            texts[i], reasons[i] = text[:cut], STOP
+    if rows is None:
+        return [tokenizer.decode(t) for t in g], list(g.finish_reasons), g.acceptance_rate
+    texts = rows.finish()
+    reasons = [STOP if i in rows.cut else r for i, r in enumerate(g.finish_reasons)]
     return texts, reasons, g.acceptance_rate
