@@ -244,20 +244,18 @@ def _ragged_forward(q, k, v, mask, interpret):
     last = (jnp.max(jnp.where(attended, slot, 0), axis=1) // block).astype(jnp.int32)
 
     sq = pl.squeezed
+    rows = pl.BlockSpec((sq, sq, R, H), lambda b, h, i, f, l: (b, h, 0, 0))  # q and the output
+    slots = pl.BlockSpec(  # keys and values
+        (sq, sq, block, H), lambda b, h, i, f, l: (b, h, _block_in_range(i, f, l, b), 0)
+    )
+    keep_block = pl.BlockSpec(
+        (sq, R, block), lambda b, h, i, f, l: (b, 0, _block_in_range(i, f, l, b))
+    )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(B, K, S // block),
-        in_specs=[
-            pl.BlockSpec((sq, sq, R, H), lambda b, h, i, f, l: (b, h, 0, 0)),
-            pl.BlockSpec(
-                (sq, sq, block, H), lambda b, h, i, f, l: (b, h, _block_in_range(i, f, l, b), 0)
-            ),
-            pl.BlockSpec(
-                (sq, sq, block, H), lambda b, h, i, f, l: (b, h, _block_in_range(i, f, l, b), 0)
-            ),
-            pl.BlockSpec((sq, R, block), lambda b, h, i, f, l: (b, 0, _block_in_range(i, f, l, b))),
-        ],
-        out_specs=pl.BlockSpec((sq, sq, R, H), lambda b, h, i, f, l: (b, h, 0, 0)),
+        in_specs=[rows, slots, slots, keep_block],
+        out_specs=rows,
         scratch_shapes=[
             pltpu.VMEM((R, LANES), jnp.float32),  # running max, repeated over the lanes
             pltpu.VMEM((R, LANES), jnp.float32),  # running softmax denominator
