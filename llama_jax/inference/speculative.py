@@ -407,8 +407,9 @@ def speculative_generate(
             st = _speculate(*args, st, *rest, np.int32(2**31 - 1), k=k, pad_id=pad_id)
         else:
             passed = [0] * B  # tokens of each row handed to on_tokens
+            rounds = 0  # st.rounds, as last read
             while True:
-                before = int(st.rounds)
+                before = rounds
                 st = _speculate(*args, st, *rest, np.int32(before + 1), k=k, pad_id=pad_id)
                 out, count, stopped, rounds = jax.device_get(
                     (st.out, st.count, st.stopped, st.rounds)
