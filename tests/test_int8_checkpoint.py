@@ -182,12 +182,14 @@ def test_tied_embeddings_and_host_readers(tmp_path):
     loaded = lj.load(path)
     assert not hasattr(loaded, "output")
     np.testing.assert_array_equal(np.asarray(loaded(TOKENS)), np.asarray(q(TOKENS)))
+    # One read of llama_jax.json gives what the readers are sized and typed from.
+    assert store.read_header(path) == (q.cfg, "int8")
     # The host readers give the stored arrays: {"values", "scale"} for a projection.
-    block = store.read_layer_host(path, q.cfg, 0)
+    block = store.read_layer_host(path, q.cfg, 0, "int8")
     assert block["attention"]["wq"]["values"].dtype == np.int8
     want = np.asarray(q.layers[0].attention.wq.values[...])
     assert np.array_equal(block["attention"]["wq"]["values"], want)
-    emb = store.read_top_host(path, q.cfg, ("tok_embeddings",))
+    emb = store.read_top_host(path, q.cfg, ("tok_embeddings",), "int8")
     assert np.array_equal(emb, np.asarray(q.tok_embeddings[...]))
 
 
@@ -262,7 +264,7 @@ def test_read_group_refuses_a_stored_dtype_of_another_kind(saved, tmp_path):
     # An int8 checkpoint whose block 1 holds float values (shapes and tree as expected):
     # Orbax would cast them to int8 without a word.
     path = copy_of(int8_path, tmp_path, "int8")
-    block = store.read_layer_host(path, q.cfg, 1)
+    block = store.read_layer_host(path, q.cfg, 1, "int8")
     wrong = block["feed_forward"]["w1"]["values"].astype(np.float32) * 1.5
     block["feed_forward"]["w1"]["values"] = wrong
     shutil.rmtree(os.path.join(path, store.layer_dir(1)))
@@ -272,7 +274,7 @@ def test_read_group_refuses_a_stored_dtype_of_another_kind(saved, tmp_path):
         lj.load(path)
     # A float checkpoint whose output is int8 of the right shape.
     path = copy_of(float_path, tmp_path, "float")
-    out = np.asarray(store.read_top_host(path, q.cfg, ("output",)) * 100).astype(np.int8)
+    out = np.asarray(store.read_top_host(path, q.cfg, ("output",), None) * 100).astype(np.int8)
     shutil.rmtree(os.path.join(path, store.top_dir(("output",))))
     store.write_group(str(path), store.top_dir(("output",)), {"output": out})
     with pytest.raises(lj.LlamaError, match=r"\['output'\] is int8 on disk but .* float32"):

@@ -26,15 +26,15 @@ from llama_jax.errors import LlamaError
 MAX_SHARD_BYTES = 5 * 2**30
 
 
-def check_float(path: str) -> None:
+def check_float(path: str, quantization: str | None) -> None:
     """Refuse an int8 checkpoint: Hugging Face and Meta layouts hold float weights.
 
     Args:
       path: the llama-jax checkpoint directory (absolute).
+      quantization: what its llama_jax.json records (`store.read_header`).
     Raises:
       LlamaError: naming the checkpoint and what to export instead.
     """
-    quantization = store.read_quantization(path)
     if quantization is not None:
         raise LlamaError(
             f'{path}: this checkpoint holds {quantization} weights ("quantization": '
@@ -53,7 +53,7 @@ def meta_tensors(path: str, cfg) -> Iterator[tuple[str, np.ndarray]]:
         if name.startswith("layers."):
             i = int(name.split(".")[1])
             if i != block_index:
-                block, block_index = store.read_layer_host(path, cfg, i), i
+                block, block_index = store.read_layer_host(path, cfg, i, None), i
             parts = name.split(".")[2:-1]  # ["attention", "wq"] or ["attention_norm"]
             group, leaf = (parts[0], parts[1]) if len(parts) == 2 else (parts[0], "weight")
             _, w = layout.param_to_meta(("layers", group, leaf), block[group][leaf], cfg, i)
@@ -63,7 +63,7 @@ def meta_tensors(path: str, cfg) -> Iterator[tuple[str, np.ndarray]]:
                 "norm.weight": ("norm", "weight"),
                 "output.weight": ("output",),
             }[name]
-            _, w = layout.param_to_meta(key, store.read_top_host(path, cfg, key), cfg)
+            _, w = layout.param_to_meta(key, store.read_top_host(path, cfg, key, None), cfg)
         yield name, w
 
 
@@ -101,8 +101,8 @@ def export(
     if to not in ("hf", "meta"):
         raise LlamaError(f"--to {to!r}: expected 'hf' or 'meta'.")
     src = os.path.abspath(os.path.expanduser(os.fspath(src_ckpt)))
-    cfg = store.load_config(src)
-    check_float(src)
+    cfg, quantization = store.read_header(src)
+    check_float(src, quantization)
     out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     store.check_destination(out, force, protect=(src,))
     names = layout.meta_names(cfg)

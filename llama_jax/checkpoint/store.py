@@ -445,10 +445,27 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     Returns:
       The config, with the dtypes the weights were stored in.
     """
+    return read_header(path)[0]
+
+
+def read_header(path: str | os.PathLike) -> tuple[LlamaConfig, str | None]:
+    """The config and the quantization a checkpoint records, from one read of llama_jax.json.
+
+    Whatever is read from the checkpoint afterwards is sized and typed from these two,
+    so they come from the same version of the file.
+
+    Args:
+      path: the checkpoint directory.
+    Returns:
+      (config, quantization): as `load_config` and `read_quantization` give them.
+    Raises:
+      LlamaError: not a checkpoint, an invalid config or quantization, or a depth that
+        does not match the blocks on disk.
+    """
     path = _abs(path)
     file = os.path.join(path, CONFIG_FILE)
     meta = _read_meta(path)
-    _quantization(meta, file)
+    quantization = _quantization(meta, file)
     try:
         cfg = LlamaConfig.from_dict(meta["config"])
     except LlamaError as e:
@@ -470,7 +487,7 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
                 f"{file}: n_layers={cfg.n_layers} but {layers} holds {len(present)} blocks; "
                 "the config was edited or belongs to another checkpoint."
             )
-    return cfg
+    return cfg, quantization
 
 
 def read_group(root: str, sub: str, targets: dict) -> dict:
@@ -630,22 +647,26 @@ def check_group(where: str) -> None:
         raise _broken(where, "its data files (d/) are missing")
 
 
-def read_layer_host(path: str, cfg: LlamaConfig, layer: int) -> dict:
+def read_layer_host(path: str, cfg: LlamaConfig, layer: int, quantization: str | None) -> dict:
     """Block `layer` as host numpy arrays in its stored dtype: {"attention": {"wq": ...}}.
 
-    In an int8 checkpoint each projection is {"values": int8, "scale": float32}.
+    `cfg` and `quantization` are the checkpoint's (`read_header`). In an int8 checkpoint
+    each projection is {"values": int8, "scale": float32}.
     """
-    block = _abstract_params(cfg, read_quantization(path))["layers"][0]
+    block = _abstract_params(cfg, quantization)["layers"][0]
     targets = jax.tree.map(lambda s: (s.shape, s.dtype, None), block)
     return read_group(path, layer_dir(layer), targets)
 
 
-def read_top_host(path: str, cfg: LlamaConfig, name: tuple[str, ...]) -> np.ndarray | dict:
+def read_top_host(
+    path: str, cfg: LlamaConfig, name: tuple[str, ...], quantization: str | None
+) -> np.ndarray | dict:
     """A top-level parameter (tok_embeddings, norm/weight, output) as a host numpy array.
 
-    In an int8 checkpoint `output` is {"values": int8, "scale": float32}.
+    `cfg` and `quantization` are the checkpoint's (`read_header`). In an int8 checkpoint
+    `output` is {"values": int8, "scale": float32}.
     """
-    params = _abstract_params(cfg, read_quantization(path))
+    params = _abstract_params(cfg, quantization)
     leaf = params[name[0]] if len(name) == 1 else params[name[0]][name[1]]
     target = jax.tree.map(lambda s: (s.shape, s.dtype, None), leaf)
     target = {name[0]: target} if len(name) == 1 else {name[0]: {name[1]: target}}
@@ -705,8 +726,7 @@ def load(
         int8.check_method(quantize)
     mesh = make_mesh(mesh)
     path = _abs(path)
-    cfg = load_config(path)
-    stored = read_quantization(path)
+    cfg, stored = read_header(path)
     quantize = quantize or stored
     requantize = quantize is not None and stored is None
     if dtype is not None:

@@ -174,8 +174,7 @@ def run(args) -> int:
     if tc.lora_rank and not args.init:
         raise LlamaError("--lora-rank trains adapters on a frozen model: give it with --init CKPT.")
     if args.init:
-        cfg = checkpoint.load_config(args.init)
-        quantization = store.read_quantization(args.init)
+        cfg, quantization = store.read_header(args.init)
         if quantization is not None and not tc.lora_rank:
             # int8 values have no gradient: only adapters on them can be trained.
             raise LlamaError(
