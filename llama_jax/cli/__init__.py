@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(
-        prog="llama-jax", description="Meta's LLaMA models in JAX and Flax."
+        prog="llama-jax",
+        description="Meta's LLaMA models in JAX and Flax.",
+        epilog="Compiled programs are kept for the next run in $LLAMA_JAX_CACHE/xla, by "
+        "default ~/.cache/llama-jax/xla (LLAMA_JAX_COMPILE_CACHE=DIR: in DIR; =off: not kept).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    from llama_jax.runtime import use_compilation_cache
+
+    use_compilation_cache()
     try:
         if hasattr(args, "coordinator"):
             # A command with the multi-host flags (cli.common.add_mesh_argument):
