@@ -69,6 +69,22 @@ def _processor_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _not_private(path: Path) -> str | None:
+    """Why `path` must not hold programs this process runs, or None if it may.
+
+    The cache's programs are loaded and run as they are, so its folder must be the user's
+    own and writable by nobody else (as ssh asks of ~/.ssh).
+    """
+    if not hasattr(os, "getuid"):
+        return None
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        return "the folder belongs to another user"
+    if st.st_mode & 0o022:
+        return "others may write to the folder (chmod go-w it)"
+    return None
+
+
 def use_compilation_cache() -> str | None:
     """Keep compiled programs on disk, so that the next process loads instead of compiling.
 
@@ -81,9 +97,10 @@ def use_compilation_cache() -> str | None:
     LLAMA_JAX_COMPILE_CACHE=off turns the cache off.
 
     Returns:
-      The directory in use, or None when the cache is off or its folder cannot be made
-      (then programs are compiled as usual; for a LLAMA_JAX_COMPILE_CACHE folder a line
-      on stderr says why).
+      The directory in use, or None when the cache is off, or its folder cannot be made
+      or is not the user's alone: then programs are compiled as usual, and a line on
+      stderr says why (for a folder that cannot be made, only when
+      LLAMA_JAX_COMPILE_CACHE named it).
     """
     import jax
 
@@ -94,15 +111,19 @@ def use_compilation_cache() -> str | None:
         return None
     base = Path(setting).expanduser() if setting else cache_root() / "xla"
     path = base / _processor_tag()
+
+    def note(why: str) -> None:
+        print(f"llama-jax: compile cache {path}: {why}; compiling without it.", file=sys.stderr)
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
-        if setting:  # a folder the user asked for: say why it is not used
-            print(
-                f"llama-jax: LLAMA_JAX_COMPILE_CACHE={setting}: cannot make {path} "
-                f"({e.strerror}); compiling without the cache.",
-                file=sys.stderr,
-            )
+        if setting:  # a folder the user named: say why it is not used
+            note(f"cannot make it ({e.strerror})")
+        return None
+    problem = _not_private(path)
+    if problem:
+        note(problem)
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import llama_jax as lj
+from llama_jax import runtime
 from llama_jax.checkpoint import save
 from llama_jax.cli import main
 from llama_jax.cli.chat import chat_loop, fit_history
@@ -85,18 +86,26 @@ def test_the_command_keeps_compiled_programs_for_the_next_run(checkpoint, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "env, expect",
+    "env, expect, says",
     [
-        ({"LLAMA_JAX_COMPILE_CACHE": "off"}, "None"),
-        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/file/xla"}, "None"),  # cannot be made
+        ({"LLAMA_JAX_COMPILE_CACHE": "off"}, "None", None),
+        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/file/xla"}, "None", "cannot make"),
+        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/shared"}, "None", "others may write"),
+        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/x"}, "{tmp}/x/{tag}", None),
         (
             {"JAX_COMPILATION_CACHE_DIR": "{tmp}/mine", "LLAMA_JAX_COMPILE_CACHE": "{tmp}/x"},
             "{tmp}/mine",
+            None,
         ),
     ],
 )
-def test_the_compile_cache_can_be_turned_off_and_leaves_a_jax_setting_alone(tmp_path, env, expect):
+def test_the_compile_cache_is_private_can_be_turned_off_and_leaves_a_jax_setting_alone(
+    tmp_path, env, expect, says
+):
+    tag = runtime._processor_tag()
     (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "shared" / tag).mkdir(parents=True)
+    (tmp_path / "shared" / tag).chmod(0o777)  # others could plant programs in it
     env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
     code = "from llama_jax.runtime import use_compilation_cache; print(use_compilation_cache())"
     done = subprocess.run(
@@ -107,12 +116,13 @@ def test_the_compile_cache_can_be_turned_off_and_leaves_a_jax_setting_alone(tmp_
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == expect.format(tmp=tmp_path)
-    if "file" in env.get("LLAMA_JAX_COMPILE_CACHE", ""):
-        assert "cannot make" in done.stderr and "compiling without the cache" in done.stderr
+    assert done.stdout.strip() == expect.format(tmp=tmp_path, tag=tag)
+    if says:
+        assert says in done.stderr and "compiling without it" in done.stderr
     else:
-        assert "LLAMA_JAX_COMPILE_CACHE" not in done.stderr
-    assert not (tmp_path / "x").exists()  # nothing made where it was not used
+        assert "compile cache" not in done.stderr
+    if expect.endswith("/mine"):
+        assert not (tmp_path / "x").exists()  # nothing made where it is not used
 
 
 def test_generate_command_batch_and_chat(checkpoint, capsys):
