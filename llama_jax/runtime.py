@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import stat
 import sys
 from pathlib import Path
 
@@ -69,20 +70,48 @@ def _processor_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+OFF = ("off", "0", "false", "no", "none")  # values of LLAMA_JAX_COMPILE_CACHE that turn it off
+
+
 def _not_private(path: Path) -> str | None:
     """Why `path` must not hold programs this process runs, or None if it may.
 
-    The cache's programs are loaded and run as they are, so its folder must be the user's
-    own and writable by nobody else (as ssh asks of ~/.ssh).
+    The cache's programs are loaded and run as they are, so, as ssh asks of ~/.ssh, the
+    folder and every folder above it must belong to the user or to root, and none may be
+    writable by others: the folder itself not at all, a folder above it only with the
+    sticky bit (as /tmp), where others cannot rename what is not theirs.
     """
     if not hasattr(os, "getuid"):
         return None
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        return "the folder belongs to another user"
-    if st.st_mode & 0o022:
-        return "others may write to the folder (chmod go-w it)"
+    for folder in (path, *path.parents):
+        st = folder.stat()
+        if st.st_uid not in (os.getuid(), 0):
+            return f"{folder} belongs to another user"
+        if st.st_mode & 0o022 and (folder == path or not st.st_mode & stat.S_ISVTX):
+            return f"others may write to {folder} (chmod go-w it)"
     return None
+
+
+def _remove_half_written(path: Path) -> None:
+    """Delete the entries JAX left half-written in its cache folder `path`.
+
+    JAX writes a program (NAME-cache) and then its last use (NAME-atime), neither
+    atomically, and never rewrites an entry that exists: a process killed in between, or
+    a full disk, leaves a file that every later run warns about (a truncated program) or
+    that stops all later writes (a program without its time). Such an entry has one file
+    of the two; both go, under the lock JAX itself takes, so no writer is cut short.
+    """
+    import filelock
+
+    try:
+        with filelock.FileLock(path / ".lockfile", timeout=5):
+            names = {p.name for p in path.iterdir()}
+            for name in names:
+                for ours, other in (("-cache", "-atime"), ("-atime", "-cache")):
+                    if name.endswith(ours) and name[: -len(ours)] + other not in names:
+                        (path / name).unlink(missing_ok=True)
+    except (OSError, filelock.Timeout):
+        pass  # another process holds it long: leave the entries to a later run
 
 
 def use_compilation_cache() -> str | None:
@@ -91,40 +120,51 @@ def use_compilation_cache() -> str | None:
     Turns on JAX's persistent compilation cache for programs that took at least a second
     to compile (`lj.generate`'s prefill and decode programs, training steps), which
     otherwise every new process compiles again. The directory is
-    $LLAMA_JAX_COMPILE_CACHE, or `cache_root() / "xla"`, with one folder per kind of
-    processor under it; beyond `COMPILE_CACHE_BYTES` JAX removes the least recently used
-    programs from it. A JAX cache directory the user has already set is kept, and
-    LLAMA_JAX_COMPILE_CACHE=off turns the cache off.
+    $LLAMA_JAX_COMPILE_CACHE (an absolute path), or `cache_root() / "xla"`, with one
+    folder per kind of processor under it, made readable by the user alone; beyond
+    `COMPILE_CACHE_BYTES` JAX removes the least recently used programs from it, and
+    entries a killed process left half-written are removed here. A JAX cache directory
+    the user has already set is kept, and LLAMA_JAX_COMPILE_CACHE=off (or 0, false, no,
+    none) turns the cache off.
 
     Returns:
       The directory in use, or None when the cache is off, or its folder cannot be made
       or is not the user's alone: then programs are compiled as usual, and a line on
-      stderr says why (for a folder that cannot be made, only when
-      LLAMA_JAX_COMPILE_CACHE named it).
+      stderr says why (for the default folder, only when it is not the user's alone).
     """
     import jax
 
     if jax.config.jax_compilation_cache_dir:  # the user's own JAX setting
         return jax.config.jax_compilation_cache_dir
-    setting = os.environ.get("LLAMA_JAX_COMPILE_CACHE", "")
-    if setting.lower() == "off":
+    setting = os.environ.get("LLAMA_JAX_COMPILE_CACHE", "").strip()
+    if setting.lower() in OFF:
         return None
-    base = Path(setting).expanduser() if setting else cache_root() / "xla"
+    base = Path(os.path.expanduser(setting)) if setting else cache_root() / "xla"
     path = base / _processor_tag()
 
     def note(why: str) -> None:
         print(f"llama-jax: compile cache {path}: {why}; compiling without it.", file=sys.stderr)
 
+    if not path.is_absolute():
+        if setting:
+            note("LLAMA_JAX_COMPILE_CACHE must be an absolute path (or off)")
+        return None
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         if setting:  # a folder the user named: say why it is not used
-            note(f"cannot make it ({e.strerror})")
+            note(f"cannot make it ({getattr(e, 'strerror', None) or e})")
         return None
-    problem = _not_private(path)
+    try:
+        problem = _not_private(path)
+        if not problem:
+            path.chmod(0o700)  # a folder made under another umask: readable by the user alone
+    except OSError as e:
+        problem = f"cannot check it ({e.strerror})"
     if problem:
         note(problem)
         return None
+    _remove_half_written(path)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
     return str(path)

@@ -85,12 +85,34 @@ def test_the_command_keeps_compiled_programs_for_the_next_run(checkpoint, tmp_pa
     assert stamp.read_bytes() != before
 
 
+def compile_cache_in_a_subprocess(env: dict) -> subprocess.CompletedProcess:
+    """`use_compilation_cache()` in a fresh process with `env` added; prints its result
+    and JAX's cache size limit."""
+    code = (
+        "import jax; from llama_jax.runtime import use_compilation_cache; "
+        "print(use_compilation_cache()); print(jax.config.jax_compilation_cache_max_size)"
+    )
+    base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.parametrize(
     "env, expect, says",
     [
         ({"LLAMA_JAX_COMPILE_CACHE": "off"}, "None", None),
+        ({"LLAMA_JAX_COMPILE_CACHE": "0"}, "None", None),
+        ({"LLAMA_JAX_COMPILE_CACHE": "relative/xla"}, "None", "must be an absolute path"),
         ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/file/xla"}, "None", "cannot make"),
-        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/shared"}, "None", "others may write"),
+        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/shared"}, "None", "others may write to {tmp}/shared/"),
+        ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/pub/xla"}, "None", "others may write to {tmp}/pub "),
         ({"LLAMA_JAX_COMPILE_CACHE": "{tmp}/x"}, "{tmp}/x/{tag}", None),
         (
             {"JAX_COMPILATION_CACHE_DIR": "{tmp}/mine", "LLAMA_JAX_COMPILE_CACHE": "{tmp}/x"},
@@ -100,29 +122,40 @@ def test_the_command_keeps_compiled_programs_for_the_next_run(checkpoint, tmp_pa
     ],
 )
 def test_the_compile_cache_is_private_can_be_turned_off_and_leaves_a_jax_setting_alone(
-    tmp_path, env, expect, says
+    tmp_path, monkeypatch, env, expect, says
 ):
+    monkeypatch.chdir(tmp_path)  # a relative folder would land here
     tag = runtime._processor_tag()
     (tmp_path / "file").write_text("a file, not a folder")
     (tmp_path / "shared" / tag).mkdir(parents=True)
     (tmp_path / "shared" / tag).chmod(0o777)  # others could plant programs in it
-    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
-    code = "from llama_jax.runtime import use_compilation_cache; print(use_compilation_cache())"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=dict(os.environ, **env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == expect.format(tmp=tmp_path, tag=tag)
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub").chmod(0o777)  # ... or swap the folder under it for theirs
+    done = compile_cache_in_a_subprocess({k: v.format(tmp=tmp_path) for k, v in env.items()})
+    used, limit = done.stdout.split()
+    assert used == expect.format(tmp=tmp_path, tag=tag)
     if says:
-        assert says in done.stderr and "compiling without it" in done.stderr
+        assert says.format(tmp=tmp_path) in done.stderr
+        assert "compiling without it" in done.stderr
     else:
         assert "compile cache" not in done.stderr
-    if expect.endswith("/mine"):
+    if used.endswith(tag):
+        assert int(limit) == runtime.COMPILE_CACHE_BYTES  # JAX drops old programs
+        assert os.stat(used).st_mode & 0o777 == 0o700
+    else:
         assert not (tmp_path / "x").exists()  # nothing made where it is not used
+    assert not (tmp_path / "relative").exists() and not (tmp_path / "0").exists()
+
+
+def test_the_compile_cache_removes_entries_left_half_written(tmp_path):
+    folder = tmp_path / "xla" / runtime._processor_tag()
+    folder.mkdir(parents=True, mode=0o700)
+    for name in ["whole-cache", "whole-atime", "killed-cache", "lost-atime", "notes.txt"]:
+        (folder / name).write_bytes(b"...")
+    done = compile_cache_in_a_subprocess({"LLAMA_JAX_COMPILE_CACHE": str(tmp_path / "xla")})
+    assert done.stdout.split()[0] == str(folder)
+    left = sorted(p.name for p in folder.iterdir() if p.name != ".lockfile")
+    assert left == ["notes.txt", "whole-atime", "whole-cache"]
 
 
 def test_generate_command_batch_and_chat(checkpoint, capsys):

@@ -32,8 +32,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-jax",
         description="Meta's LLaMA models in JAX and Flax.",
-        epilog="Compiled programs are kept for the next run in $LLAMA_JAX_CACHE/xla, by "
-        "default ~/.cache/llama-jax/xla (LLAMA_JAX_COMPILE_CACHE=DIR: in DIR; =off: not kept).",
+        epilog="Compiled programs are kept for the next run under $LLAMA_JAX_CACHE/xla, by "
+        "default ~/.cache/llama-jax/xla (LLAMA_JAX_COMPILE_CACHE=DIR: under DIR; =off: not "
+        "kept).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
