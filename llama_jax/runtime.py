@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 COMPILE_CACHE_BYTES = 1 << 30  # beyond this the compile cache drops its least recently used
+OFF = ("off", "0", "false", "no", "none")  # values of LLAMA_JAX_COMPILE_CACHE that turn it off
 
 
 def keep_freed_memory() -> None:
@@ -70,9 +71,6 @@ def _processor_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-OFF = ("off", "0", "false", "no", "none")  # values of LLAMA_JAX_COMPILE_CACHE that turn it off
-
-
 def _not_private(path: Path) -> str | None:
     """Why `path` must not hold programs this process runs, or None if it may.
 
@@ -99,7 +97,8 @@ def _remove_half_written(path: Path) -> None:
     atomically, and never rewrites an entry that exists: a process killed in between, or
     a full disk, leaves a file that every later run warns about (a truncated program) or
     that stops all later writes (a program without its time). Such an entry has one file
-    of the two; both go, under the lock JAX itself takes, so no writer is cut short.
+    of the two, which is removed under the lock JAX itself takes, so no writer is cut
+    short.
     """
     import filelock
 

@@ -507,20 +507,18 @@ def generate_text(
             if not p:
                 raise LlamaError(f"Prompt {i} is empty; give some text to continue.")
         ids = [tokenizer.encode(p, bos=True) for p in items]
-    stop = [s for s in (stop or ()) if s]
+    rows = TextRows(tokenizer, len(items), stop, on_text)
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     stop_ids, pad_id = sorted(tokenizer.stop_ids), tokenizer.pad_id
-    streaming = bool(stop) or on_text is not None  # stop strings are checked after every step
-    stream = _start(model, ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, streaming)
-    rows = TextRows(tokenizer, len(items), stop, on_text)
+    stream = _start(model, ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, rows.streams)
 
     def result(texts):
-        reasons = [STOP if i in rows.cut else r for i, r in enumerate(stream.finish_reasons)]
+        reasons = rows.reasons(stream.finish_reasons)
         if not return_finish_reasons:
             return texts[0] if single else texts
         return (texts[0], reasons[0]) if single else (texts, reasons)
 
-    if not streaming:
+    if not rows.streams:
         for _ in stream:
             pass
         return result([tokenizer.decode(t) for t in stream.tokens])
@@ -539,13 +537,22 @@ class TextRows:
     stop string is ever passed on. Used by `generate_text` and the speculative version.
     """
 
-    def __init__(self, tokenizer, n_rows: int, stop: Sequence[str], on_text=None):
+    def __init__(self, tokenizer, n_rows: int, stop: Sequence[str] | None, on_text=None):
         self.decoders = [tokenizer.stream_decoder() for _ in range(n_rows)]
         self.texts = [""] * n_rows
         self.sent = [0] * n_rows  # characters already passed to on_text
         self.cut: set[int] = set()  # rows whose text ended at a stop string
-        self.stop, self.on_text = list(stop), on_text
+        self.stop, self.on_text = [s for s in (stop or ()) if s], on_text
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    @property
+    def streams(self) -> bool:
+        """Whether tokens must be pushed as they come: to pass text on, or to find stops."""
+        return bool(self.stop) or self.on_text is not None
+
+    def reasons(self, finish_reasons: Sequence[str]) -> list[str]:
+        """The generation's finish reasons, with "stop" for rows cut at a stop string."""
+        return [STOP if i in self.cut else r for i, r in enumerate(finish_reasons)]
 
     def push(self, i: int, token: int) -> bool:
         """Add row i's next token; True when its text has just reached a stop string."""

@@ -480,8 +480,7 @@ def speculative_generate_text(
         if not all(isinstance(p, str) and p for p in prompts):
             raise LlamaError("prompts must be non-empty strings (or dialogs with chat=True).")
         ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    stop = [s for s in (stop or ()) if s]
-    rows = TextRows(tokenizer, len(ids), stop, on_text) if stop or on_text else None
+    rows = TextRows(tokenizer, len(ids), stop, on_text)
 
     def on_tokens(i, tokens):
         return any([rows.push(i, t) for t in tokens])  # every token, then whether it ended
@@ -499,10 +498,8 @@ def speculative_generate_text(
         speculate_k=speculate_k,
         cache_len=cache_len,
         pad_id=tokenizer.pad_id,
-        on_tokens=on_tokens if rows else None,
+        on_tokens=on_tokens if rows.streams else None,
     )
-    if rows is None:
+    if not rows.streams:
         return [tokenizer.decode(t) for t in g], list(g.finish_reasons), g.acceptance_rate
-    texts = rows.finish()
-    reasons = [STOP if i in rows.cut else r for i, r in enumerate(g.finish_reasons)]
-    return texts, reasons, g.acceptance_rate
+    return rows.finish(), rows.reasons(g.finish_reasons), g.acceptance_rate
