@@ -5,7 +5,9 @@ cache of each library, no stop tokens); decode tokens/s is B * (N - 1) divided b
 difference of the two medians, so the prefill and the first token cancel out. Batch-1
 bytes per step: every weight matrix once (the embedding is gathered, not read whole) plus
 the filled part of the KV cache, over the step time: the fraction of the measured
-streaming bandwidth it reaches.
+streaming bandwidth it reaches. Then the same decode with the KV cache in int8
+(`cache_dtype="int8"`), at the default cache and at a cache of 2048 slots (or the
+model's context), which every step reads whole.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return np.random.default_rng(2).integers(3, vocab, (batch, length)).tolist()
 
 
-def our_rate(model, rows, new_tokens: int, repeats: int) -> tuple[float, list[int]]:
-    """(decode tokens/s, row 0's tokens) of `llama_jax.generate` on `model`."""
-    one = time_calls(lambda: lj.generate(model, rows, 1), repeats)
-    many = time_calls(lambda: lj.generate(model, rows, new_tokens), repeats)
+def our_rate(model, rows, new_tokens: int, repeats: int, **kw) -> tuple[float, list[int]]:
+    """(decode tokens/s, row 0's tokens) of `llama_jax.generate(model, rows, n, **kw)`."""
+    one = time_calls(lambda: lj.generate(model, rows, 1, **kw), repeats)
+    many = time_calls(lambda: lj.generate(model, rows, new_tokens, **kw), repeats)
     steps = new_tokens - 1
     return len(rows) * steps / (many["median"] - one["median"]), lj.generate(
-        model, rows, new_tokens
+        model, rows, new_tokens, **kw
     )[0]
 
 
@@ -112,3 +114,31 @@ def run(
         ours_vs_our_bfloat16=ours8 / ours16,
         ours_vs_our_float32=ours8 / f32,
     )
+    del q8
+
+    # The KV cache in int8: one byte per number and a scale per vector, dequantized
+    # when attention reads it.
+    model = lj.load(ckpt)
+    ours, toks = our_rate(model, rows, new_tokens, repeats, cache_dtype="int8")
+    f32_toks = lj.generate(model, rows, new_tokens)[0]
+    same = sum(a == b for a, b in zip(toks, f32_toks, strict=True))
+    res.add(
+        "decode batch 1, int8 KV cache",
+        "tokens/s",
+        ours,
+        None,
+        ours_vs_float32_cache=ours / f32,
+        greedy_tokens_agree_with_float32_cache=f"{same}/{len(toks)}",
+    )
+    slots = min(2048, cfg.max_seq_len)
+    for b in batches[:2]:
+        rows_b = prompts(b, prompt_len, cfg.vocab_size)
+        plain, _ = our_rate(model, rows_b, new_tokens, repeats, cache_len=slots)
+        res.add(f"decode batch {b}, {slots} slots, float32 cache", "tokens/s", plain)
+        int8, _ = our_rate(model, rows_b, new_tokens, repeats, cache_len=slots, cache_dtype="int8")
+        res.add(
+            f"decode batch {b}, {slots} slots, int8 cache",
+            "tokens/s",
+            int8,
+            ours_vs_float32_cache=int8 / plain,
+        )

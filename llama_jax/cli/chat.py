@@ -63,7 +63,8 @@ def chat_loop(
       write: prints a piece of text (the answer is streamed through it).
       system: an optional system prompt.
       max_new_tokens: the longest answer.
-      **sampling: temperature, top_k, top_p, seed, cache_len for `generate_text`.
+      **sampling: temperature, top_k, top_p, seed, cache_len, cache_dtype for
+        `generate_text`.
     Returns:
       the final dialog.
     """
@@ -149,5 +150,6 @@ def run(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         cache_len=args.cache_len,
+        cache_dtype=args.cache_dtype,
     )
     return 0

@@ -52,6 +52,13 @@ def add_sampling_arguments(p, max_new_tokens: int) -> None:
         default=None,
         help="KV cache slots (default: enough for prompt and answer, at most the model's context)",
     )
+    p.add_argument(
+        "--cache-dtype",
+        choices=["float32", "bfloat16", "float16", "int8"],
+        default=None,
+        help="KV cache dtype (default: the compute dtype); int8 keeps one byte per number "
+        "plus a scale per key or value vector (see docs/performance.md for the quality)",
+    )
     add_attention_argument(p)
     add_mesh_argument(p)
 
@@ -185,7 +192,9 @@ def run(args) -> int:
         sys.stdout.write(args.prompt[0])
     # The same generation settings on both paths: token budget, sampling, seed, options.
     sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    options = dict(chat=args.chat, stop=args.stop, cache_len=args.cache_len)
+    options = dict(
+        chat=args.chat, stop=args.stop, cache_len=args.cache_len, cache_dtype=args.cache_dtype
+    )
     start = time.perf_counter()
     if draft is not None:
         from llama_jax.inference.speculative import speculative_generate_text

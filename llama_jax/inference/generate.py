@@ -32,6 +32,7 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.errors import LlamaError
+from llama_jax.inference.int8 import check_cache_dtype, new_cache
 from llama_jax.inference.sampling import SamplingParams, sample
 from llama_jax.model import KVCache
 
@@ -118,14 +119,16 @@ def _finish(ds: DecodeState, new: jax.Array, stop_ids: jax.Array, pad_id: int) -
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "pad_id"))
-def _prefill(graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_len, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype", "pad_id"))
+def _prefill(
+    graphdef, state, tokens, mask, stop_ids, sampling, key, *, cache_len, cache_dtype, pad_id
+):
     """Run the prompts [B, P] through the model into a new cache; sample the first token."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     # Left padding: each row's positions count its real tokens only.
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
-    cache = model.init_cache(B, cache_len)
+    cache = new_cache(model, B, cache_len, cache_dtype)
     if P > 1:
         # All but the last token: only the cache is kept, so XLA drops the [B, P, V]
         # logits and the output projection with them.
@@ -250,7 +253,9 @@ class _Batch(NamedTuple):
     ds: DecodeState  # after the prefill, with each row's first new token
 
 
-def _prepare_batch(model, rows, length, cache_len, max_new_tokens, stop_ids, sampling, pad_id):
+def _prepare_batch(
+    model, rows, length, cache_len, cache_dtype, max_new_tokens, stop_ids, sampling, pad_id
+):
     """Pad the prompts, bound the new tokens by the cache and run the prefill.
 
     Args:
@@ -258,7 +263,7 @@ def _prepare_batch(model, rows, length, cache_len, max_new_tokens, stop_ids, sam
       rows: the prompts, as `_check_prompts` returns them.
       length: P, the padded prompt length: the prompt bucket, capped so that what decoding
         needs fits after it (`speculative_generate` keeps k + 1 slots free for a round).
-      cache_len: S, the cache's slots.
+      cache_len: S, the cache's slots; cache_dtype: its dtype (see `generate`).
       max_new_tokens, stop_ids, pad_id: as for `generate`; sampling: the `SamplingParams`.
     Returns:
       a `_Batch`.
@@ -278,7 +283,16 @@ def _prepare_batch(model, rows, length, cache_len, max_new_tokens, stop_ids, sam
     key = jax.random.key(sampling.seed)
     with sharding.use_mesh(mesh):
         ds = _prefill(
-            graphdef, state, tokens, mask, stops, arrays, key, cache_len=cache_len, pad_id=pad_id
+            graphdef,
+            state,
+            tokens,
+            mask,
+            stops,
+            arrays,
+            key,
+            cache_len=cache_len,
+            cache_dtype=cache_dtype,
+            pad_id=pad_id,
         )
     return _Batch(
         tokens, mask, stops, n_tokens, cache_bound, graphdef, state, mesh, arrays, key, ds
@@ -319,13 +333,13 @@ def generate_stream(
     stop_ids=None,
     *,
     cache_len: int | None = None,
+    cache_dtype: str | None = None,
     pad_id: int = 0,
 ) -> GenerationStream:
     """Like `generate`, but yields the tokens step by step (see `GenerationStream`)."""
     sampling = SamplingParams(temperature, top_k, top_p, seed)
-    return _start(
-        model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, stream=True
-    )
+    cache = (cache_len, cache_dtype)
+    return _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache, pad_id, True)
 
 
 def generate(
@@ -339,6 +353,7 @@ def generate(
     stop_ids=None,
     *,
     cache_len: int | None = None,
+    cache_dtype: str | None = None,
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
 ) -> Generation:
@@ -358,6 +373,9 @@ def generate(
         collection for all rows, or one collection per row (e.g. `tokenizer.stop_ids`).
       cache_len: slots of the KV cache (default: see `default_cache_len`); prompt bucket
         plus new tokens beyond it end generation with reason "cache_full".
+      cache_dtype: the KV cache's dtype: None (the model's compute dtype), "float32",
+        "bfloat16", "float16", or "int8" (`llama_jax.inference.int8.Int8KVCache`: one
+        int8 per number plus a float32 scale per key or value vector).
       pad_id: the id used to pad prompts (masked out; any valid id works).
       on_token: called as on_token(row, token_id) for every new token as it is
         generated; decoding then returns to Python after every step.
@@ -366,9 +384,8 @@ def generate(
     """
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     streaming = on_token is not None  # on_token is called after every step
-    stream = _start(
-        model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, streaming
-    )
+    cache = (cache_len, cache_dtype)
+    stream = _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache, pad_id, streaming)
     for step in stream:
         for row, tok in enumerate(step):
             if tok is not None:
@@ -376,8 +393,10 @@ def generate(
     return Generation(stream.tokens, stream.finish_reasons)
 
 
-def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, stream):
+def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache, pad_id, stream):
     cfg = model.cfg
+    cache_len, cache_dtype = cache  # slots (None: default_cache_len) and dtype
+    check_cache_dtype(cache_dtype)
     if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise LlamaError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
     rows = _check_prompts(prompt_ids, cfg.vocab_size, cfg.max_seq_len)
@@ -392,7 +411,9 @@ def _start(model, prompt_ids, max_new_tokens, sampling, stop_ids, cache_len, pad
             f"most the model's context ({cfg.max_seq_len})."
         )
     P = min(P, cache_len)
-    b = _prepare_batch(model, rows, P, cache_len, max_new_tokens, stop_ids, sampling, pad_id)
+    b = _prepare_batch(
+        model, rows, P, cache_len, cache_dtype, max_new_tokens, stop_ids, sampling, pad_id
+    )
     ds, n_tokens, cache_bound, stop_table = b.ds, b.n_tokens, b.cache_bound, b.stop_table
     graphdef, state, mesh, arrays, key = b.graphdef, b.state, b.mesh, b.sampling, b.key
 
@@ -476,6 +497,7 @@ def generate_text(
     stop: Sequence[str] | None = None,
     on_text: Callable[[int, str], None] | None = None,
     cache_len: int | None = None,
+    cache_dtype: str | None = None,
     return_finish_reasons: bool = False,
 ):
     """Generate text for one prompt or a batch.
@@ -485,7 +507,8 @@ def generate_text(
       tokenizer: the model's `Tokenizer`.
       prompts: a string, a list of strings, or (with chat=True) a list of dialogs, each
         a list of {"role", "content"} messages (one dialog alone also works).
-      max_new_tokens, temperature, top_k, top_p, seed, cache_len: as for `generate`.
+      max_new_tokens, temperature, top_k, top_p, seed, cache_len, cache_dtype: as for
+        `generate`.
       chat: format prompts with the model family's chat template.
       stop: strings that end a row's text (the text is cut before them); the tokenizer's
         stop ids (e.g. `<|eot_id|>`) always end a row.
@@ -510,7 +533,8 @@ def generate_text(
     rows = TextRows(tokenizer, len(items), stop, on_text)
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     stop_ids, pad_id = sorted(tokenizer.stop_ids), tokenizer.pad_id
-    stream = _start(model, ids, max_new_tokens, sampling, stop_ids, cache_len, pad_id, rows.streams)
+    cache = (cache_len, cache_dtype)
+    stream = _start(model, ids, max_new_tokens, sampling, stop_ids, cache, pad_id, rows.streams)
 
     def result(texts):
         reasons = rows.reasons(stream.finish_reasons)

@@ -28,6 +28,11 @@ it is read. `quantize` rounds each weight to its nearest step; `llama_jax.infere
 chooses the values from calibration activations instead (same format, closer outputs),
 and `llama_jax.checkpoint.save` writes either kind as an int8 checkpoint.
 
+The KV cache can be int8 too (`Int8KVCache`, `generate(..., cache_dtype="int8")`): each
+cached key or value vector (one row, KV head and slot) as int8 values with one float32
+scale, absmax / 127 over its head dim H. With H = 64 to 128 that is 1.03-1.06 bytes per
+element: a quarter of a float32 cache, about half of a bfloat16 one.
+
 Which axes are output channels follows the einsums (attention.py, layers.py,
 transformer.py) and is written once, as logical axes, in
 `llama_jax.sharding.rules.QUANTIZED_OUTPUT_AXES`: wq [D, N, H] -> N, H; wo [N, H, D] -> D;
@@ -36,6 +41,7 @@ w1, w3 [D, F] -> F; w2 [F, D] -> D; output [D, V] -> V.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -45,8 +51,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from llama_jax import precision
+from llama_jax.config import LlamaConfig
 from llama_jax.errors import LlamaError
 from llama_jax.inference import int8_cpu, int8_gpu
+from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.layers import weight_order
 from llama_jax.sharding.rules import PARAM_AXES, QUANTIZED_OUTPUT_AXES, logical_sharding
 
@@ -234,3 +242,95 @@ def quantize_block(block: dict, shardings: dict | None = None) -> dict:
         values, scale = quantize_array(block[group][name], path, placed)
         out[group][name] = {"values": values, "scale": scale}
     return out
+
+
+# ------------------------------------------------------------------------------ the KV cache
+
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def check_cache_dtype(dtype) -> None:
+    """Raise a LlamaError unless `dtype` is None (the model's dtype) or one of CACHE_DTYPES."""
+    if dtype is not None and dtype not in CACHE_DTYPES:
+        raise LlamaError(
+            f"cache_dtype={dtype!r} is not a KV cache dtype; use one of {list(CACHE_DTYPES)} "
+            "(or None for the model's compute dtype)."
+        )
+
+
+def _quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., H] as int8 values [..., H] and float32 scales [...], absmax / 127 per vector."""
+    x = x.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)  # an all-zero vector stays 0
+    values = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    return values, scale
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8KVCache(KVCache):
+    """A KVCache whose keys and values are int8, with one float32 scale per vector.
+
+    `write` quantizes each new key and value vector (one row, KV head and slot: H
+    numbers) by its own absmax; `read` hands attention `values * scale` in float32.
+    Everything else (slots, `valid`, `index`, `advance`) is the float cache's.
+
+    Attributes:
+      k, v: L arrays [B, K, S, H] of int8 each.
+      k_scale, v_scale: L arrays [B, K, S] of float32 each.
+      valid, index: as in KVCache.
+    """
+
+    k_scale: tuple[jax.Array, ...]
+    v_scale: tuple[jax.Array, ...]
+
+    @classmethod
+    def create(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None):
+        """An empty int8 cache for `batch` rows of up to `max_len` tokens each.
+
+        Args:
+          cfg: the model's configuration.
+          batch: B, the number of rows.
+          max_len: S, the number of slots.
+          dtype: None or "int8" (the values' dtype is int8 whatever the model's).
+        """
+        if dtype not in (None, "int8"):
+            raise LlamaError(f"Int8KVCache holds int8; got dtype={dtype!r}.")
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)  # [B, K, S, H]
+        L = cfg.n_layers
+        return cls(
+            k=tuple(jnp.zeros(shape, jnp.int8) for _ in range(L)),
+            v=tuple(jnp.zeros(shape, jnp.int8) for _ in range(L)),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+            k_scale=tuple(jnp.ones(shape[:3], jnp.float32) for _ in range(L)),
+            v_scale=tuple(jnp.ones(shape[:3], jnp.float32) for _ in range(L)),
+        )
+
+    def write(self, layer: int, k: jax.Array, v: jax.Array, index: jax.Array) -> Int8KVCache:
+        """Quantize one layer's new keys and values [B, T, K, H] into slots index...index+T-1."""
+        stored = {}
+        for name, x in (("k", k), ("v", v)):
+            values, scale = _quantize_vectors(x.transpose(0, 2, 1, 3))  # [B, K, T, H], [B, K, T]
+            arrays = list(getattr(self, name))
+            scales = list(getattr(self, f"{name}_scale"))
+            arrays[layer] = jax.lax.dynamic_update_slice(arrays[layer], values, (0, 0, index, 0))
+            scales[layer] = jax.lax.dynamic_update_slice(scales[layer], scale, (0, 0, index))
+            stored[name], stored[f"{name}_scale"] = tuple(arrays), tuple(scales)
+        return dataclasses.replace(self, **stored)
+
+    def read(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """One layer's keys and values [B, K, S, H] in float32: values * scale."""
+        k = self.k[layer].astype(jnp.float32) * self.k_scale[layer][..., None]
+        v = self.v[layer].astype(jnp.float32) * self.v_scale[layer][..., None]
+        return k, v
+
+
+def new_cache(model, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+    """An empty cache for `model`: its own KVCache in `dtype` (default its compute
+    dtype), or an Int8KVCache for dtype "int8"."""
+    check_cache_dtype(dtype)
+    if dtype == "int8":
+        return Int8KVCache.create(model.cfg, batch, max_len)
+    return model.init_cache(batch, max_len, dtype)

@@ -61,6 +61,7 @@ from llama_jax.inference.generate import (
     bucket_length,
     default_cache_len,
 )
+from llama_jax.inference.int8 import check_cache_dtype, new_cache
 from llama_jax.inference.sampling import SamplingParams, filter_logits, sample
 from llama_jax.model import KVCache, Transformer
 
@@ -268,12 +269,13 @@ def _round(target, draft, st: SpecState, stop_ids, sampling, key, n_tokens, k, p
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _draft_prefill(graphdef, state, tokens, mask, *, cache_len):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype"))
+def _draft_prefill(graphdef, state, tokens, mask, *, cache_len, cache_dtype):
     """The draft's cache after the prompts [B, P] (positions as in `_prefill`)."""
     model = nnx.merge(graphdef, state)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    _, cache = model(tokens, positions, mask, model.init_cache(tokens.shape[0], cache_len))
+    cache = new_cache(model, tokens.shape[0], cache_len, cache_dtype)
+    _, cache = model(tokens, positions, mask, cache)
     return cache
 
 
@@ -321,6 +323,7 @@ def speculative_generate(
     *,
     speculate_k: int = 4,
     cache_len: int | None = None,
+    cache_dtype: str | None = None,
     pad_id: int = 0,
     on_tokens: Callable[[int, list[int]], bool | None] | None = None,
 ) -> SpeculativeGeneration:
@@ -340,6 +343,7 @@ def speculative_generate(
       cache_len: slots of each KV cache; default `speculative_cache_len(...)`, at most
         the smaller model context. A round needs k + 1 free slots: rows still running
         when no round fits end with reason "cache_full".
+      cache_dtype: both KV caches' dtype, as for `generate`.
       on_tokens: streaming: called after each round as on_tokens(row, new_ids) for every
         row that kept tokens (stop ids left out); returning True ends that row there.
     Returns:
@@ -360,6 +364,7 @@ def speculative_generate(
     if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise LlamaError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
+    check_cache_dtype(cache_dtype)
     max_len = min(cfg.max_seq_len, draft.cfg.max_seq_len)
     rows = _check_prompts(prompt_ids, cfg.vocab_size, max_len)
     B = len(rows)
@@ -378,12 +383,16 @@ def speculative_generate(
             f"free slots of the {max_len}-token context; shorten it or lower speculate_k."
         )
     P = min(P, cache_len - k - 1)  # every round needs k + 1 free slots after the prompt
-    b = _prepare_batch(model, rows, P, cache_len, max_new_tokens, stop_ids, sampling, pad_id)
+    b = _prepare_batch(
+        model, rows, P, cache_len, cache_dtype, max_new_tokens, stop_ids, sampling, pad_id
+    )
     ds, n_tokens, stop_table = b.ds, b.n_tokens, b.stop_table
 
     d_graph, d_state = nnx.split(draft)
     with sharding.use_mesh(b.mesh):
-        d_cache = _draft_prefill(d_graph, d_state, b.tokens, b.mask, cache_len=cache_len)
+        d_cache = _draft_prefill(
+            d_graph, d_state, b.tokens, b.mask, cache_len=cache_len, cache_dtype=cache_dtype
+        )
         st = SpecState(
             target=ds.cache,
             draft=d_cache,
@@ -462,12 +471,13 @@ def speculative_generate_text(
     stop=None,
     speculate_k: int = 4,
     cache_len: int | None = None,
+    cache_dtype: str | None = None,
     on_text: Callable[[int, str], None] | None = None,
 ):
     """`generate_text` for a batch, through `speculative_generate`.
 
     Args:
-      model, draft, speculate_k, cache_len: as for `speculative_generate`.
+      model, draft, speculate_k, cache_len, cache_dtype: as for `speculative_generate`.
       tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stop,
         on_text: as for `generate_text` (prompts: a list of strings, or of dialogs with
         chat); with on_text or stop strings the text is passed on round by round.
@@ -497,6 +507,7 @@ def speculative_generate_text(
         sorted(tokenizer.stop_ids),
         speculate_k=speculate_k,
         cache_len=cache_len,
+        cache_dtype=cache_dtype,
         pad_id=tokenizer.pad_id,
         on_tokens=on_tokens if rows.streams else None,
     )

@@ -104,7 +104,7 @@ class Attention(nnx.Module):
 
         if cache is not None:
             cache = cache.write(layer, k, v, start)
-            k, v = cache.k[layer], cache.v[layer]  # [B, K, S, H]
+            k, v = cache.read(layer)  # [B, K, S, H]
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S = T, H]
 

@@ -28,7 +28,8 @@ class KVCache:
     which is the layout attention's products read without a transpose.
 
     Memory: 2 * L * B * S * K * H elements, e.g. 128 KiB per token for Llama 3 8B in
-    bfloat16 (GQA's 8 KV heads instead of 32 make it four times smaller).
+    bfloat16 (GQA's 8 KV heads instead of 32 make it four times smaller); in int8, with
+    `write` and `read` converting, see llama_jax.inference.int8.Int8KVCache.
 
     Attributes:
       k, v: L arrays [B, K, S, H] each: keys (already rotated) and values.
@@ -68,9 +69,7 @@ class KVCache:
     def write(self, layer: int, k: jax.Array, v: jax.Array, index: jax.Array) -> KVCache:
         """Store one layer's new keys and values [B, T, K, H] at slots index .. index + T - 1.
 
-        Returns:
-          The updated cache (inside `jax.jit` with the cache donated, an update in place).
-        """
+        Returns the updated cache (inside `jax.jit` with the cache donated, in place)."""
         start = (0, 0, index, 0)
         k_new = k.transpose(0, 2, 1, 3).astype(self.k[layer].dtype)  # [B, K, T, H]
         v_new = v.transpose(0, 2, 1, 3).astype(self.v[layer].dtype)
@@ -78,6 +77,10 @@ class KVCache:
         ks[layer] = jax.lax.dynamic_update_slice(self.k[layer], k_new, start)
         vs[layer] = jax.lax.dynamic_update_slice(self.v[layer], v_new, start)
         return dataclasses.replace(self, k=tuple(ks), v=tuple(vs))
+
+    def read(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """One layer's keys and values [B, K, S, H], every slot, as attention reads them."""
+        return self.k[layer], self.v[layer]
 
     def advance(self, new_valid: jax.Array) -> KVCache:
         """Claim the next T slots for new tokens; `new_valid` [B, T] is False for padding.

@@ -16,6 +16,7 @@ cache, batches, the checks in `validate`) is read from this table.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -104,13 +105,17 @@ for _path, _out in QUANTIZED_OUTPUT_AXES.items():
 # a mesh that cannot split them is refused rather than silently left replicated.
 MUST_SPLIT = {"heads": "n_heads", "mlp": "ffn_hidden_dim", "embed": "dim"}
 
-# Logical axes of the KV cache's fields (attention.KVCache) and of a batch of tokens.
+# Logical axes of the KV cache's fields (model.kv_cache.KVCache, and the scales of
+# inference.int8.Int8KVCache) and of a batch of tokens.
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
     # each layer's [B, K, S, H]
     "k": ("batch", "act_kv_heads", "length", None),
     "v": ("batch", "act_kv_heads", "length", None),
     "valid": ("batch", "length"),
     "index": (),
+    # each layer's [B, K, S]
+    "k_scale": ("batch", "act_kv_heads", "length"),
+    "v_scale": ("batch", "act_kv_heads", "length"),
 }
 BATCH_AXES = ("batch", "length")
 
@@ -232,16 +237,18 @@ def param_shardings(state, mesh: Mesh):
 
 
 def cache_shardings(cache, mesh: Mesh):
-    """NamedShardings for a KVCache, by CACHE_AXES.
+    """NamedShardings for a KVCache (or an Int8KVCache), by CACHE_AXES.
 
     Args:
       cache: a KVCache of arrays or ShapeDtypeStructs.
       mesh: the mesh.
     Returns:
-      A KVCache holding a NamedSharding per field (a jit's in/out_shardings for it).
+      A cache of the same type holding a NamedSharding per field (a jit's
+      in/out_shardings for it).
     """
     fields = {}
-    for name, axes in CACHE_AXES.items():
+    for field in dataclasses.fields(cache):
+        name, axes = field.name, CACHE_AXES[field.name]
         value = getattr(cache, name)
         if isinstance(value, tuple):  # one array per layer
             fields[name] = tuple(logical_sharding(mesh, axes, x.shape) for x in value)
