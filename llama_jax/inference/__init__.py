@@ -3,7 +3,8 @@
 generate       prompts (token ids) -> new token ids; generate_stream, generate_text
 sampling       greedy / temperature / top-k / top-p
 speculative    a draft model proposes, the target verifies: speculative_generate
-int8           weight-only int8 (rounded per output channel), with CPU and GPU kernels
+int8           weight-only int8 (rounded per output channel), with CPU and GPU kernels;
+               the int8 KV cache (Int8KVCache, cache_dtype="int8")
 gptq           the same int8 format with values chosen by GPTQ on calibration text
 """
 
