@@ -802,6 +802,31 @@ else:
 # `--calibration` it rounds, as `lj.load(SRC, quantize="int8")` does on every load).
 
 # %% [markdown]
+# The KV cache can be int8 too: `lj.generate(..., cache_dtype="int8")` keeps each cached
+# key and value vector (H numbers for one token and KV head) as int8 values with one
+# float32 scale, its absmax / 127: the same rounding as above, with one scale per vector
+# instead of one per output channel. Running the held-out rows through such a cache in
+# one prefill makes every attention read the rounded keys and values:
+
+# %%
+from llama_jax.inference.int8 import new_cache
+
+rows, length = held_out.shape
+through_cache = nnx.jit(lambda m, t, c: m(t, cache=c)[0])
+int8_cache = new_cache(model, rows, -(-length // 128) * 128, "int8")  # slots: multiple of 128
+via_int8_cache = np.asarray(through_cache(model, jnp.asarray(held_out), int8_cache)).argmax(-1)
+one_slot = jax.eval_shape(lambda: new_cache(model, 1, 1, "int8"))
+int8_per_token = sum(
+    a.size * a.dtype.itemsize
+    for f in ("k", "v", "k_scale", "v_scale")
+    for a in getattr(one_slot, f)
+)
+assert int8_per_token == 2 * cfg.n_layers * cfg.kv_heads * (cfg.head_dim + 4)  # H int8 + a scale
+print(f"int8 cache: {int8_per_token / 1024:.1f} KiB per token, float32 cache "
+      f"{kv_bytes_per_token(cfg, 4) / 1024:.1f} KiB; top-1 agreement with the float model "
+      f"through it: {(via_int8_cache == reference).mean():.2%} of {reference.size} tokens")  # fmt: skip
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. How many bytes of KV cache does Llama 3.1 70B need for 32 sequences of 8192 tokens,
