@@ -386,6 +386,21 @@ def test_cpu_kernel_equals_xla_product(rows, k, n, seed):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("rows, k, n", [(1, 768, 2048), (3, 700, 1001), (40, 512, 640)])
+def test_cpu_kernel_shares_large_products_over_threads(rows, k, n):
+    """Weights of 256 KiB or more are split into column tiles over XLA's thread pool
+    (several products at once too, as in a decode step): every tile is computed, once."""
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+    weights = [jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8) for _ in range(3)]
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-1, n), jnp.float32)
+    three = jax.jit(lambda x, ws: [int8_cpu.int8_matmul(x, w, scale) for w in ws])
+    for _ in range(3):  # repeated calls reuse the pool's threads
+        for got, values in zip(three(x, weights), weights, strict=True):
+            want = np.asarray(x, np.float64) @ np.asarray(values, np.float64) * np.asarray(scale)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_cpu_kernel_gradients_equal_xla_gradients():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(3, 40)), jnp.float32)

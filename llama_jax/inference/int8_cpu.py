@@ -13,7 +13,8 @@ FFI custom call:
 with the int8 values converted in registers. `Int8Weight` calls it for products of at
 most `MAX_ROWS` rows on the CPU (decode at small batch sizes, where reading the weight is
 the whole cost); wider products (prefill, training, large batches) stay with XLA, whose
-threaded matrix products are faster there. The kernel runs on one thread.
+threaded matrix products are faster there. The kernel shares a product's column tiles
+over XLA's intra-op thread pool (see the comment at the top of `int8_matmul.cc`).
 
 The library is built once into `$LLAMA_JAX_CACHE/kernels` (default
 ~/.cache/llama-jax/kernels), named by a hash of the source, the compiler command and the
