@@ -11,6 +11,8 @@ order (`--sections` picks some; `--budget S` starts no new one after S seconds):
   (`x + 1` over 2 GiB, bytes read plus written);
 - decode: `llama3.2-1b` (1.24B parameters) at batch 1 and 8 through `llama_jax.generate`,
   tokens/s and the weight bytes read per second as a fraction of the copy bandwidth;
+- kvcache: the same model at batch 1 and 8 over a cache of 8192 slots, with the
+  bfloat16 cache and with the int8 one (`cache_dtype="int8"`);
 - int8: the same model quantized in place (`llama_jax.inference.int8.quantize`), decoded
   the same way (one-row products as the library does them), against bfloat16;
 - int8kernel: int8 again with one-row products by the Pallas kernel
@@ -129,14 +131,22 @@ def training(
     }
 
 
-def decode(model, batch: int, prompt: int, new: int, roof: dict, repeats: int) -> dict:
-    """Decode tokens/s of `lj.generate` and weight bytes per second over the copy bandwidth."""
+def decode(
+    model, batch: int, prompt: int, new: int, roof: dict, repeats: int, slots=None, cache=None
+) -> dict:
+    """Decode tokens/s of `lj.generate` and weight bytes per second over the copy bandwidth.
+
+    `slots`: the cache's size (default: what `generate` picks for the prompt and the new
+    tokens); `cache`: its dtype (`cache_dtype`; default the model's).
+    """
     cfg = model.cfg
     rows = np.random.default_rng(1).integers(3, cfg.vocab_size, (batch, prompt)).tolist()
     # One cache size for both calls: one compilation, and the steps timed at that size.
-    slots = default_cache_len(bucket_length(prompt, cfg.max_seq_len), new, cfg.max_seq_len)
-    one = time_calls(lambda: lj.generate(model, rows, 1, cache_len=slots), repeats)
-    many = time_calls(lambda: lj.generate(model, rows, new, cache_len=slots), repeats)
+    if slots is None:
+        slots = default_cache_len(bucket_length(prompt, cfg.max_seq_len), new, cfg.max_seq_len)
+    kw = dict(cache_len=slots, cache_dtype=cache)
+    one = time_calls(lambda: lj.generate(model, rows, 1, **kw), repeats)
+    many = time_calls(lambda: lj.generate(model, rows, new, **kw), repeats)
     step_s = (many["median"] - one["median"]) / (new - 1)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     read = weights - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim * 2)
@@ -155,7 +165,17 @@ def prefill(cfg, length: int, attention: str, repeats: int) -> dict:
     return {"tokens_per_s": length / t["median"], "seconds": t["median"]}
 
 
-SECTIONS = ("decode", "int8", "int8kernel", "train", "prefill", "big", "train8", "train2x")
+SECTIONS = (
+    "decode",
+    "kvcache",
+    "int8",
+    "int8kernel",
+    "train",
+    "prefill",
+    "big",
+    "train8",
+    "train2x",
+)
 
 
 def main(argv=None) -> int:
@@ -261,6 +281,22 @@ def main(argv=None) -> int:
                 f"{100 * d['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth",
             )
 
+    def cache_rows(model, label, sizes, key, slots):
+        """Decode over `slots` cache slots with the model's cache and with the int8 one."""
+        figures = results["decode"][key]
+        for b in sizes:
+            plain = decode(model, b, prompt, new, roof, repeats, slots)
+            int8 = decode(model, b, prompt, new, roof, repeats, slots, "int8")
+            int8["vs_bfloat16_cache"] = int8["tokens_per_s"] / plain["tokens_per_s"]
+            figures[f"batch{b}_{slots}slots"] = plain
+            figures[f"batch{b}_{slots}slots_int8cache"] = int8
+            row(
+                f"{label} decode batch {b}, {slots} slots",
+                f"{plain['tokens_per_s']:.0f} tok/s",
+                f"int8 cache {int8['tokens_per_s']:.0f} tok/s "
+                f"({int8['vs_bfloat16_cache']:.2f}x the bfloat16 cache)",
+            )
+
     def int8_rows(model, label, sizes, key, one_row=None):
         """Quantize `model` in place (one weight at a time), then decode it as bfloat16 was.
 
@@ -288,6 +324,8 @@ def main(argv=None) -> int:
     if in_budget(f"{base.name} decode", "decode"):
         model = lj.build_model(cfg, seed=0)
         decode_rows(model, base.name, (1, 8), "small")
+        if in_budget(f"{base.name} int8 KV cache", "kvcache"):
+            cache_rows(model, base.name, (1, 8), "small", min(8192, cfg.max_seq_len))
         if in_budget(f"{base.name} int8 decode", "int8"):
             int8_rows(model, base.name, (1, 8), "small")
         if in_budget(f"{base.name} int8 decode, kernel", "int8kernel"):

@@ -39,13 +39,15 @@ def test_gpu_smoke_takes_the_chosen_sections(tmp_path):
         "--out",
         str(tmp_path),
         "--sections",
-        "decode,int8,prefill",
+        "decode,kvcache,int8,prefill",
         "--int8-tiles",
         str(tiles),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "benchmark_gpu.json").read_text())
-    assert set(result["decode"]["small"]) == {"batch1", "batch8", "batch1_int8", "batch8_int8"}
+    caches = {f"batch{b}_256slots{c}" for b in (1, 8) for c in ("", "_int8cache")}
+    plain = {"batch1", "batch8", "batch1_int8", "batch8_int8"}
+    assert set(result["decode"]["small"]) == plain | caches
     assert set(result["prefill"]) == {"xla"} and "train" not in result
     assert result["machine"]["int8_tiles"]["block_n"] == 32
     assert result["machine"]["elapsed_s"] > 0
