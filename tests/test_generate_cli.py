@@ -214,7 +214,8 @@ def test_chat_loop_keeps_history(checkpoint):
     assert generate_text(model, tok, first, 5, chat=True) in "".join(written)
 
 
-def test_chat_command_reads_stdin_until_eof(checkpoint, capsys, monkeypatch):
+@pytest.mark.parametrize("flags", [[], ["--cache-dtype", "int8"]])
+def test_chat_command_reads_stdin_until_eof(checkpoint, capsys, monkeypatch, flags):
     path, _, _ = checkpoint
     lines = iter(["hi"])
 
@@ -225,8 +226,16 @@ def test_chat_command_reads_stdin_until_eof(checkpoint, capsys, monkeypatch):
             raise EOFError from None
 
     monkeypatch.setattr("builtins.input", fake_input)
-    assert main(["chat", "--checkpoint", str(path), "--max-new-tokens", "4"]) == 0
+    seen = []  # the cache dtype of every answer: the flag reaches generate_text
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["cache_dtype"])
+        return generate_text(*args, **kwargs)
+
+    monkeypatch.setattr("llama_jax.cli.chat.generate_text", recording)
+    assert main(["chat", "--checkpoint", str(path), "--max-new-tokens", "4", *flags]) == 0
     assert capsys.readouterr().out.startswith("llama> ")
+    assert seen == [flags[1] if flags else None]
 
 
 def test_history_that_does_not_fit_drops_the_oldest_exchanges(checkpoint):
