@@ -123,14 +123,16 @@ def test_saved_int8_checkpoint_holds_the_int8_arrays(saved):
     assert out["output"]["values"].dtype == np.int8
 
     # On disk a block saves three quarters of its projections' float32 bytes, less the
-    # scales and Orbax's metadata for twice as many arrays: at least two thirds.
+    # scales and Orbax's metadata for twice as many arrays (about 67-69% here: how OCDBT
+    # groups the arrays into files moves the total by a few KB from run to run). Values
+    # stored as float32 would save nothing; more than half is the bound.
     def size(root):
         where = os.path.join(root, store.layer_dir(0))
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(where) for f in fs)
 
     block_0 = [getattr(o, n) for o, n, p in int8.projections(q) if o in vars(q.layers[0]).values()]
     float_bytes = sum(4 * w.values.size for w in block_0)
-    assert len(block_0) == 7 and size(floats) - size(path) > 2 / 3 * float_bytes
+    assert len(block_0) == 7 and size(floats) - size(path) > float_bytes / 2
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
