@@ -76,6 +76,7 @@ def run(
         same = sum(a == b for a, b in zip(toks, peer_toks, strict=False))
         notes = {"greedy_tokens_agree": f"{same}/{len(toks)} (row 0)"}
         if b == 1:
+            f32_toks = toks  # row 0 with the float32 cache, for the int8 cache below
             gbs = step_bytes(model, 1, context, 4) * ours / 1e9
             notes["bytes_per_s"] = gbs * 1e9
             notes["fraction_of_bandwidth"] = gbs * 1e9 / roof["stream_bytes"]
@@ -120,7 +121,6 @@ def run(
     # when attention reads it.
     model = lj.load(ckpt)
     ours, toks = our_rate(model, rows, new_tokens, repeats, cache_dtype="int8")
-    f32_toks = lj.generate(model, rows, new_tokens)[0]
     same = sum(a == b for a, b in zip(toks, f32_toks, strict=True))
     res.add(
         "decode batch 1, int8 KV cache",

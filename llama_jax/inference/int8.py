@@ -297,28 +297,24 @@ class Int8KVCache(KVCache):
         """
         if dtype not in (None, "int8"):
             raise LlamaError(f"Int8KVCache holds int8; got dtype={dtype!r}.")
-        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)  # [B, K, S, H]
+        # The float cache's slots and layout, in int8; one scale per [B, K, S] vector.
+        base = KVCache.create(cfg, batch, max_len, "int8")
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        scales = [jnp.ones(k.shape[:3], jnp.float32) for k in (*base.k, *base.v)]
         L = cfg.n_layers
-        return cls(
-            k=tuple(jnp.zeros(shape, jnp.int8) for _ in range(L)),
-            v=tuple(jnp.zeros(shape, jnp.int8) for _ in range(L)),
-            valid=jnp.zeros((batch, max_len), bool),
-            index=jnp.zeros((), jnp.int32),
-            k_scale=tuple(jnp.ones(shape[:3], jnp.float32) for _ in range(L)),
-            v_scale=tuple(jnp.ones(shape[:3], jnp.float32) for _ in range(L)),
-        )
+        return cls(**fields, k_scale=tuple(scales[:L]), v_scale=tuple(scales[L:]))
 
     def write(self, layer: int, k: jax.Array, v: jax.Array, index: jax.Array) -> Int8KVCache:
         """Quantize one layer's new keys and values [B, T, K, H] into slots index...index+T-1."""
-        stored = {}
-        for name, x in (("k", k), ("v", v)):
-            values, scale = _quantize_vectors(x.transpose(0, 2, 1, 3))  # [B, K, T, H], [B, K, T]
+        (k, k_scale), (v, v_scale) = _quantize_vectors(k), _quantize_vectors(v)
+        cache = super().write(layer, k, v, index)  # the int8 values, as the float cache
+        scales = {}
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
             arrays = list(getattr(self, name))
-            scales = list(getattr(self, f"{name}_scale"))
-            arrays[layer] = jax.lax.dynamic_update_slice(arrays[layer], values, (0, 0, index, 0))
-            scales[layer] = jax.lax.dynamic_update_slice(scales[layer], scale, (0, 0, index))
-            stored[name], stored[f"{name}_scale"] = tuple(arrays), tuple(scales)
-        return dataclasses.replace(self, **stored)
+            new = scale.transpose(0, 2, 1)  # [B, T, K] -> [B, K, T]
+            arrays[layer] = jax.lax.dynamic_update_slice(arrays[layer], new, (0, 0, index))
+            scales[name] = tuple(arrays)
+        return dataclasses.replace(cache, **scales)
 
     def read(self, layer: int) -> tuple[jax.Array, jax.Array]:
         """One layer's keys and values [B, K, S, H] in float32: values * scale."""
